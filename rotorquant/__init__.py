@@ -1,0 +1,27 @@
+"""rotorquant: KV-cache compression with Clifford rotors (RotorQuant) and its dense baseline (TurboQuant).
+
+    >>> import numpy as np, rotorquant as rq
+    >>> from rotorquant.tiers import numpy as ref
+    >>> params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3))
+    >>> code = ref.quantize(np.ones((4, 128)), params)
+    >>> code.nbytes  # 4 vectors x (48 bytes of codes + a 4-byte norm)
+    208
+"""
+
+from .codebook import Codebook, lloyd_max
+from .compressed import Compressed
+from .params import QuantParams, build_params
+from .spec import NormDtype, QuantizerSpec, Rotation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Codebook",
+    "Compressed",
+    "NormDtype",
+    "QuantParams",
+    "QuantizerSpec",
+    "Rotation",
+    "build_params",
+    "lloyd_max",
+]

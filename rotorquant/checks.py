@@ -1,0 +1,87 @@
+"""Input checks shared by every tier: each raises one clear error naming the
+argument, what was expected and what was received. Tiers compute the facts
+(shape, dtype, finiteness) with their own array library and call these."""
+
+from __future__ import annotations
+
+from .compressed import Compressed
+from .params import QuantParams
+
+
+def check_params(params: object) -> None:
+    if not isinstance(params, QuantParams):
+        raise TypeError(f"params: expected QuantParams from rotorquant.build_params(spec), got {type(params).__name__}")
+
+
+def check_floating(name: str, dtype: object, is_floating: bool) -> None:
+    if not is_floating:
+        raise TypeError(f"{name}: expected a real floating-point dtype, got {dtype}")
+
+
+def check_last_dim(name: str, shape: tuple[int, ...], dim: int) -> None:
+    if len(shape) == 0 or shape[-1] != dim:
+        raise ValueError(f"{name}: expected shape (..., {dim}), got {tuple(shape)}")
+
+
+def check_min_ndim(name: str, shape: tuple[int, ...], ndim: int, layout: str) -> None:
+    if len(shape) < ndim:
+        raise ValueError(f"{name}: expected shape {layout}, got {tuple(shape)}")
+
+
+def check_finite(name: str, all_finite: bool) -> None:
+    if not all_finite:
+        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
+
+
+def check_norms_fit(name: str, max_norm: float, limit: float, norm_dtype: str) -> None:
+    if not max_norm <= limit:
+        raise ValueError(
+            f"{name}: expected vector norms <= {limit:g} (the largest finite {norm_dtype}, "
+            f"the spec's norm_dtype), got a norm of {max_norm:g}"
+        )
+
+
+def check_code(name: str, code: object, params: QuantParams) -> None:
+    """``code`` must be a `Compressed` built for ``params.spec`` with the documented shapes."""
+    if not isinstance(code, Compressed):
+        raise TypeError(f"{name}: expected a rotorquant.Compressed, got {type(code).__name__}")
+    if code.spec != params.spec:
+        raise ValueError(f"{name}: expected a code built for {params.spec}, got one built for {code.spec}")
+    spec = params.spec
+    if tuple(code.codes.shape[-1:]) != (spec.code_bytes,):
+        raise ValueError(f"{name}.codes: expected shape (..., {spec.code_bytes}), got {tuple(code.codes.shape)}")
+    if tuple(code.norms.shape) != code.shape:
+        raise ValueError(f"{name}.norms: expected shape {code.shape}, got {tuple(code.norms.shape)}")
+    if spec.qjl and (code.qjl_signs is None or code.residual_norms is None):
+        raise ValueError(f"{name}: expected qjl_signs and residual_norms (spec.qjl=True), got None")
+
+
+def broadcast_error(name: str, shape_a: tuple[int, ...], other: str, shape_b: tuple[int, ...]) -> ValueError:
+    return ValueError(f"{name}: leading shape {tuple(shape_a)} does not broadcast with {other}'s {tuple(shape_b)}")
+
+
+def check_attention_shapes(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v_shape: tuple[int, ...]) -> int:
+    """Shapes of decode attention; returns the GQA group size ``Hq // Hkv``.
+
+    ``q``: ``(B, Hq, T, d)``; ``k_code`` and ``v_code``: leading ``(B, Hkv, N)``.
+    """
+    check_min_ndim("q", q_shape, 4, "(batch, q_heads, q_len, dim)")
+    if len(q_shape) != 4:
+        raise ValueError(f"q: expected shape (batch, q_heads, q_len, dim), got {tuple(q_shape)}")
+    if len(k_shape) != 3:
+        raise ValueError(f"k_code: expected leading shape (batch, kv_heads, kv_len), got {tuple(k_shape)}")
+    if tuple(v_shape) != tuple(k_shape):
+        raise ValueError(f"v_code: expected leading shape {tuple(k_shape)} (as k_code), got {tuple(v_shape)}")
+    if k_shape[0] != q_shape[0]:
+        raise ValueError(f"k_code: expected batch {q_shape[0]} (as q), got {k_shape[0]}")
+    if k_shape[1] == 0 or q_shape[1] % k_shape[1]:
+        raise ValueError(f"q: expected q_heads a multiple of kv_heads={k_shape[1]}, got {q_shape[1]}")
+    return q_shape[1] // k_shape[1]
+
+
+def check_lengths(lengths_shape: tuple[int, ...], lo: int, hi: int, batch: int, kv_len: int) -> None:
+    """Per-sequence lengths: shape ``(batch,)``, every value in ``1..kv_len``."""
+    if tuple(lengths_shape) != (batch,):
+        raise ValueError(f"lengths: expected shape ({batch},), got {tuple(lengths_shape)}")
+    if lo < 1 or hi > kv_len:
+        raise ValueError(f"lengths: expected values in 1..{kv_len}, got values in {lo}..{hi}")

@@ -1,0 +1,138 @@
+"""`QuantizerSpec`: the frozen description of one quantizer.
+
+A spec is pure configuration. Every number the tiers use is derived from it by
+`rotorquant.build_params(spec)`; two equal specs always give bit-identical
+parameters, on every machine.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Rotation(str, enum.Enum):
+    """How a unit vector is rotated before its coordinates are quantized.
+
+    - ``"rotor"``: RotorQuant. Consecutive 3-dim groups ``(3g, 3g+1, 3g+2)`` are
+      rotated by a Haar-random unit rotor of Cl(3,0) through the sandwich
+      ``R v R~``; a 2-coordinate remainder by a Cl(2) rotor (a Givens rotation);
+      a 1-coordinate remainder is left as is. Cost: O(d).
+    - ``"dense"``: TurboQuant. One Haar-random ``d x d`` orthogonal matrix. Cost: O(d^2).
+
+    The enum is a ``str`` so ``Rotation.ROTOR == "rotor"``; more block rotations
+    (2-D Givens, 4-D isoclinic, randomized Hadamard) are new members here.
+    """
+
+    ROTOR = "rotor"
+    DENSE = "dense"
+
+
+class NormDtype(str, enum.Enum):
+    """Storage dtype of the per-vector norms (and QJL residual norms).
+
+    - ``"float32"`` (default): any finite float32 norm round-trips.
+    - ``"float16"``: 2 bytes smaller per vector; quantizing a vector whose norm
+      exceeds 65504 raises ``ValueError`` instead of storing ``inf``.
+    """
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+
+
+MAX_BITS = 8
+
+
+def _fail(field: str, expected: str, got: object) -> None:
+    raise ValueError(f"QuantizerSpec.{field}: expected {expected}, got {got!r}")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class QuantizerSpec:
+    """Everything that defines a quantizer.
+
+    Args:
+        dim: vector dimension ``d`` (>= 2).
+        bits: total bits per coordinate, 1..8. Without QJL all of them index a
+            Lloyd-Max codebook; with QJL the codebook gets ``bits - 1`` and each
+            of the ``qjl_dim`` projections of the residual gets one sign bit.
+        rotation: ``"rotor"`` or ``"dense"`` (see `Rotation`).
+        qjl: add the 1-bit QJL sketch of the residual (TurboQuant_prod), which
+            makes `scores` an unbiased estimate of ``q @ x.T``.
+        qjl_dim: number of QJL projections ``m``; defaults to ``dim``.
+        seed: seed of the one ``numpy.random.Generator`` behind every constant.
+        norm_dtype: storage dtype of the norms (see `NormDtype`).
+        norm_correction: store ``||x|| / ||c||`` instead of ``||x||`` as the
+            norm, where ``c`` is the vector of chosen centroids, so the
+            reconstruction has exactly the input's length. Only without QJL.
+
+    Invalid values raise ``ValueError`` naming the field, the allowed values
+    and the value given.
+    """
+
+    dim: int
+    bits: int
+    rotation: Rotation | str = Rotation.ROTOR
+    qjl: bool = False
+    qjl_dim: int | None = None
+    seed: int = 0
+    norm_dtype: NormDtype | str = NormDtype.FLOAT32
+    norm_correction: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.dim) or self.dim < 2:
+            _fail("dim", "an int >= 2", self.dim)
+        if not _is_int(self.bits) or not 1 <= self.bits <= MAX_BITS:
+            _fail("bits", f"an int in 1..{MAX_BITS}", self.bits)
+        try:
+            object.__setattr__(self, "rotation", Rotation(self.rotation))
+        except ValueError:
+            _fail("rotation", f"one of {[r.value for r in Rotation]}", self.rotation)
+        if not isinstance(self.qjl, bool):
+            _fail("qjl", "a bool", self.qjl)
+        if self.qjl and self.bits < 2:
+            _fail("bits", "an int in 2..8 when qjl=True (1 bit goes to the QJL sign)", self.bits)
+        if self.qjl_dim is None:
+            object.__setattr__(self, "qjl_dim", self.dim)
+        elif not _is_int(self.qjl_dim) or self.qjl_dim < 1:
+            _fail("qjl_dim", "an int >= 1 or None", self.qjl_dim)
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", "an int >= 0", self.seed)
+        try:
+            object.__setattr__(self, "norm_dtype", NormDtype(self.norm_dtype))
+        except ValueError:
+            _fail("norm_dtype", f"one of {[n.value for n in NormDtype]}", self.norm_dtype)
+        if not isinstance(self.norm_correction, bool):
+            _fail("norm_correction", "a bool", self.norm_correction)
+        if self.norm_correction and self.qjl:
+            _fail("norm_correction", "False when qjl=True (it would bias the QJL estimator)", True)
+
+    @property
+    def mse_bits(self) -> int:
+        """Bits per coordinate of the Lloyd-Max stage: ``bits - 1`` with QJL, else ``bits``."""
+        return self.bits - 1 if self.qjl else self.bits
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of packed codes per vector: ``ceil(dim * mse_bits / 8)``."""
+        return -(-self.dim * self.mse_bits // 8)
+
+    @property
+    def sign_bytes(self) -> int:
+        """Bytes of packed QJL signs per vector: ``ceil(qjl_dim / 8)``, 0 without QJL."""
+        return -(-self.qjl_dim // 8) if self.qjl else 0
+
+    @property
+    def norm_bytes(self) -> int:
+        """Bytes of one stored norm."""
+        return 4 if self.norm_dtype is NormDtype.FLOAT32 else 2
+
+    @property
+    def bytes_per_vector(self) -> int:
+        """Total payload bytes of one compressed vector (codes, norm, signs, residual norm)."""
+        extra = self.sign_bytes + self.norm_bytes if self.qjl else 0
+        return self.code_bytes + self.norm_bytes + extra

@@ -1,0 +1,154 @@
+"""The NumPy reference tier: the ground truth, written to be read.
+
+Pipeline for one vector ``x`` in R^d (``c`` = centroids, ``b`` = boundaries):
+
+    s = ||x||,  u = x / s                          normalize
+    y = Rot(u)                                     rotors: R_g u_g R_g~ per 3-dim group (clifford)
+    k_j = #{i : y_j >= b_i}                        nearest centroid
+    x_mse = s * Rot^T(c[k])                        reconstruction
+    with QJL:  r = x - x_mse,  z = sign(S r),  x_hat = x_mse + ||r|| sqrt(pi/2)/m * S^T z
+
+Everything runs in float64; outputs are float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import checks
+from ..bitpack import pack_codes, unpack_codes
+from ..cl3 import rotate_groups
+from ..compressed import Compressed
+from ..params import QuantParams
+from ..spec import NormDtype
+
+_NORM_DTYPES = {NormDtype.FLOAT32: np.float32, NormDtype.FLOAT16: np.float16}
+
+
+def _as_vectors(name: str, x: object, dim: int) -> np.ndarray:
+    """Validate ``x`` as real floating vectors ``(..., dim)`` and return it as float64."""
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
+    checks.check_floating(name, x.dtype, np.issubdtype(x.dtype, np.floating))
+    checks.check_last_dim(name, x.shape, dim)
+    x = x.astype(np.float64)
+    checks.check_finite(name, bool(np.isfinite(x).all()))
+    return x
+
+
+def _group_rotors(params: QuantParams) -> np.ndarray:
+    """``(ceil(d/3), 4)``: the group rotors, then the tail rotor when ``d % 3 != 0``."""
+    if params.tail_rotor is None:
+        return params.rotors
+    return np.vstack([params.rotors, params.tail_rotor])
+
+
+def rotate(u: np.ndarray, params: QuantParams, inverse: bool = False) -> np.ndarray:
+    """``(..., d)`` -> ``(..., d)``: the spec's rotation (``inverse=True``: its transpose)."""
+    if params.rotation is not None:
+        return u @ (params.rotation if inverse else params.rotation.T)
+    d = params.spec.dim
+    rotors = _group_rotors(params)
+    padded = np.zeros((*u.shape[:-1], 3 * len(rotors)))
+    padded[..., :d] = u
+    groups = padded.reshape(*u.shape[:-1], len(rotors), 3)
+    return rotate_groups(groups, rotors, inverse).reshape(padded.shape)[..., :d]
+
+
+def quantize(x: np.ndarray, params: QuantParams) -> Compressed:
+    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)``."""
+    checks.check_params(params)
+    spec = params.spec
+    x64 = _as_vectors("x", x, spec.dim)
+    norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    norms = np.linalg.norm(x64, axis=-1)
+    checks.check_norms_fit("x", float(norms.max(initial=0.0)), float(np.finfo(norm_dtype).max), spec.norm_dtype.value)
+    unit = x64 / np.where(norms > 0, norms, 1.0)[..., None]
+    idx = np.searchsorted(params.boundaries, rotate(unit, params), side="right")
+    levels = params.centroids[idx]
+    scale = norms / np.linalg.norm(levels, axis=-1) if spec.norm_correction else norms
+    fields = dict(codes=pack_codes(idx, spec.mse_bits), norms=scale.astype(norm_dtype), spec=spec, dtype=x.dtype.name)
+    if spec.qjl:
+        residual = x64 - norms[..., None] * rotate(levels, params, inverse=True)
+        fields["qjl_signs"] = pack_codes(residual @ params.qjl_matrix.T >= 0, 1)
+        fields["residual_norms"] = np.linalg.norm(residual, axis=-1).astype(norm_dtype)
+    return Compressed(**fields)
+
+
+def _mse_part(code: Compressed, params: QuantParams) -> np.ndarray:
+    """``s * Rot^T(c[k])``, the Lloyd-Max reconstruction ``(..., d)``."""
+    idx = unpack_codes(code.codes, params.spec.mse_bits, params.spec.dim)
+    return code.norms.astype(np.float64)[..., None] * rotate(params.centroids[idx], params, inverse=True)
+
+
+def _signs(code: Compressed, params: QuantParams) -> np.ndarray:
+    """``z = sign(S r)`` as ``(..., m)`` float64 in {-1, +1}."""
+    bits = unpack_codes(code.qjl_signs, 1, params.spec.qjl_dim)
+    return 2.0 * bits - 1.0
+
+
+def _qjl_scale(code: Compressed, params: QuantParams) -> np.ndarray:
+    """``||r|| sqrt(pi/2) / m`` per vector ``(...)``."""
+    return code.residual_norms.astype(np.float64) * math.sqrt(math.pi / 2) / params.spec.qjl_dim
+
+
+def dequantize(code: Compressed, params: QuantParams) -> np.ndarray:
+    """Reconstruct ``(..., d)`` float64 vectors: ``x_mse`` (+ ``||r|| sqrt(pi/2)/m S^T z`` with QJL)."""
+    checks.check_params(params)
+    checks.check_code("code", code, params)
+    x_hat = _mse_part(code, params)
+    if params.spec.qjl:
+        x_hat = x_hat + _qjl_scale(code, params)[..., None] * (_signs(code, params) @ params.qjl_matrix)
+    return x_hat
+
+
+def scores(q: np.ndarray, code: Compressed, params: QuantParams) -> np.ndarray:
+    """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``.
+
+    Without QJL ``q . x_mse``; with QJL the unbiased ``q . x_mse + ||r|| sqrt(pi/2)/m <S q, z>``.
+    """
+    checks.check_params(params)
+    checks.check_code("code", code, params)
+    q64 = _as_vectors("q", q, params.spec.dim)
+    checks.check_min_ndim("q", q64.shape, 2, "(..., M, dim)")
+    checks.check_min_ndim("code", code.shape, 1, "(..., N)")
+    try:
+        np.broadcast_shapes(q64.shape[:-2], code.shape[:-1])
+    except ValueError:
+        raise checks.broadcast_error("q", q64.shape[:-2], "code", code.shape[:-1]) from None
+    out = q64 @ np.swapaxes(_mse_part(code, params), -1, -2)
+    if params.spec.qjl:
+        sketch = q64 @ params.qjl_matrix.T  # (..., M, m)
+        out = out + _qjl_scale(code, params)[..., None, :] * (sketch @ np.swapaxes(_signs(code, params), -1, -2))
+    return out
+
+
+def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None) -> np.ndarray:
+    """Decode attention over a compressed K/V cache.
+
+    ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
+    reads KV head ``h // (Hq // Hkv)`` (grouped-query attention). Every query attends to the first
+    ``lengths[b]`` keys of its sequence (all ``N`` when None), with no causal mask among queries:
+
+        out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
+
+    Returns ``(B, Hq, T, d_v)`` float64.
+    """
+    checks.check_params(k_params)
+    checks.check_params(v_params)
+    checks.check_code("k_code", k_code, k_params)
+    checks.check_code("v_code", v_code, v_params)
+    group = checks.check_attention_shapes(np.shape(q), k_code.shape, v_code.shape)
+    batch, kv_heads, kv_len = k_code.shape
+    s = scores(np.asarray(q).reshape(batch, kv_heads, group * q.shape[2], q.shape[3]), k_code, k_params)
+    s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        checks.check_lengths(lengths.shape, int(lengths.min(initial=1)), int(lengths.max(initial=1)), batch, kv_len)
+        s = np.where(np.arange(kv_len) < lengths[:, None, None, None], s, -np.inf)
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p = p / p.sum(axis=-1, keepdims=True)
+    out = p @ dequantize(v_code, v_params)  # (B, Hkv, group*T, d_v)
+    return out.reshape(batch, q.shape[1], q.shape[2], -1)
