@@ -79,9 +79,13 @@ def check_attention_shapes(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v
     return q_shape[1] // k_shape[1]
 
 
-def check_lengths(lengths_shape: tuple[int, ...], lo: int, hi: int, batch: int, kv_len: int) -> None:
-    """Per-sequence lengths: shape ``(batch,)``, every value in ``1..kv_len``."""
+def check_lengths_shape(lengths_shape: tuple[int, ...], batch: int) -> None:
+    """Per-sequence lengths have shape ``(batch,)``."""
     if tuple(lengths_shape) != (batch,):
         raise ValueError(f"lengths: expected shape ({batch},), got {tuple(lengths_shape)}")
+
+
+def check_lengths_range(lo: int, hi: int, kv_len: int) -> None:
+    """Every per-sequence length lies in ``1..kv_len``."""
     if lo < 1 or hi > kv_len:
         raise ValueError(f"lengths: expected values in 1..{kv_len}, got values in {lo}..{hi}")

@@ -146,7 +146,8 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
     if lengths is not None:
         lengths = np.asarray(lengths)
-        checks.check_lengths(lengths.shape, int(lengths.min(initial=1)), int(lengths.max(initial=1)), batch, kv_len)
+        checks.check_lengths_shape(lengths.shape, batch)
+        checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len)
         s = np.where(np.arange(kv_len) < lengths[:, None, None, None], s, -np.inf)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p = p / p.sum(axis=-1, keepdims=True)

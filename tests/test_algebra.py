@@ -1,0 +1,105 @@
+"""The Cl(3,0) algebra: clifford's Cayley table as data, rotors, and the closed-form 3x3 matrices."""
+
+import numpy as np
+import pytest
+
+import rotorquant as rq
+from rotorquant import cl3
+from rotorquant.rotors import haar_rotors, rotor_matrices
+
+RNG = np.random.default_rng(1234)
+
+
+def _random_mvs(n):
+    return RNG.standard_normal((n, 8))
+
+
+def _is_associative(gmt):
+    a, b, c = (_random_mvs(50) for _ in range(3))
+
+    def gp(x, y):
+        return np.einsum("...i,...k,ijk->...j", x, y, gmt)
+
+    return np.allclose(gp(gp(a, b), c), gp(a, gp(b, c)), atol=1e-12)
+
+
+def test_product_contraction_matches_clifford_multivector_product():
+    for a, b in zip(_random_mvs(20), _random_mvs(20)):
+        want = (cl3.LAYOUT.MultiVector(a) * cl3.LAYOUT.MultiVector(b)).value
+        np.testing.assert_allclose(cl3.geometric_product(a, b), want, atol=1e-14)
+
+
+def test_reverse_matches_clifford():
+    for a in _random_mvs(10):
+        np.testing.assert_allclose(cl3.reverse(a), (~cl3.LAYOUT.MultiVector(a)).value, atol=0)
+
+
+def test_cayley_table_is_associative_and_a_corrupted_one_is_not():
+    assert _is_associative(cl3.GMT)
+    broken = cl3.GMT.copy()
+    e12, e1, e2 = 4, 1, 2  # blade slots: e1 * e2 = +e12 in the table
+    assert broken[e1, e12, e2] == 1.0
+    broken[e1, e12, e2] = -1.0  # the kind of sign error a hand-typed table makes
+    assert not _is_associative(broken)
+
+
+def test_sandwich_of_a_vector_is_a_pure_vector():
+    rotors = cl3.embed_rotors(haar_rotors(RNG, 200))
+    vectors = cl3.embed_vectors(RNG.standard_normal((200, 3)))
+    out = cl3.sandwich(rotors, vectors)
+    others = np.delete(out, cl3.VECTOR_SLOTS, axis=-1)
+    assert np.max(np.abs(others)) < 1e-14
+    np.testing.assert_allclose(
+        np.linalg.norm(cl3.extract_vectors(out), axis=-1), np.linalg.norm(vectors, axis=-1), rtol=1e-13
+    )
+
+
+def test_unit_rotors_satisfy_r_rtilde_is_one():
+    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3))
+    r = cl3.embed_rotors(params.rotors)
+    one = np.zeros(8)
+    one[0] = 1.0
+    np.testing.assert_allclose(cl3.geometric_product(r, cl3.reverse(r)), np.broadcast_to(one, r.shape), atol=1e-14)
+
+
+def test_rotor_matrices_match_clifford_sandwich_to_1e12():
+    rotors = haar_rotors(RNG, 500)
+    mats = rotor_matrices(rotors)
+    basis = np.eye(3)
+    for k in range(3):  # column k of M is the image of e_k
+        image = cl3.rotate_groups(np.broadcast_to(basis[k], (500, 1, 3)), rotors[:, None, :])[:, 0]
+        np.testing.assert_allclose(mats[..., :, k], image, atol=1e-12)
+    np.testing.assert_allclose(mats @ np.swapaxes(mats, -1, -2), np.broadcast_to(np.eye(3), mats.shape), atol=1e-12)
+    np.testing.assert_allclose(np.linalg.det(mats), 1.0, atol=1e-12)
+
+
+def test_inverse_sandwich_undoes_forward():
+    rotors = haar_rotors(RNG, 40)
+    v = RNG.standard_normal((7, 40, 3))
+    back = cl3.rotate_groups(cl3.rotate_groups(v, rotors), rotors, inverse=True)
+    np.testing.assert_allclose(back, v, atol=1e-13)
+
+
+def test_haar_rotors_are_uniform_on_so3():
+    """For Haar-random rotations E[M] = 0 and E[M_ij^2] = 1/3; checked to 5 standard errors."""
+    mats = rotor_matrices(haar_rotors(np.random.default_rng(7), 20000))
+    se_mean = np.sqrt(1 / 3 / 20000)
+    assert np.max(np.abs(mats.mean(axis=0))) < 5 * se_mean
+    assert np.max(np.abs((mats**2).mean(axis=0) - 1 / 3)) < 0.02
+
+
+@pytest.mark.parametrize("dim", [2, 4, 5, 66, 67, 127, 128, 130])
+def test_tail_groups(dim):
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=2))
+    assert params.rotors.shape == (dim // 3, 4)
+    assert params.blocks.shape == (-(-dim // 3), 3, 3)
+    full = params.rotation_matrix()
+    np.testing.assert_allclose(full @ full.T, np.eye(dim), atol=1e-12)
+    if dim % 3 == 0:
+        assert params.tail_rotor is None
+    elif dim % 3 == 1:
+        np.testing.assert_array_equal(params.tail_rotor, [1, 0, 0, 0])
+        assert full[-1, -1] == 1.0
+    else:
+        assert params.tail_rotor[2:].tolist() == [0.0, 0.0]  # a Cl(2) rotor: only e12
+        assert np.linalg.det(full[-2:, -2:]) == pytest.approx(1.0)
