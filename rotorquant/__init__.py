@@ -11,6 +11,7 @@
 from .codebook import Codebook, lloyd_max
 from .compressed import Compressed
 from .params import QuantParams, build_params
+from .quantizer import Quantizer, Tier
 from .spec import NormDtype, QuantizerSpec, Rotation
 
 __version__ = "0.1.0"
@@ -20,8 +21,10 @@ __all__ = [
     "Compressed",
     "NormDtype",
     "QuantParams",
+    "Quantizer",
     "QuantizerSpec",
     "Rotation",
+    "Tier",
     "build_params",
     "lloyd_max",
 ]

@@ -11,7 +11,17 @@ import enum
 from dataclasses import dataclass
 
 
-class Rotation(str, enum.Enum):
+class _StrEnum(str, enum.Enum):
+    """A ``str`` enum that prints as its value, so specs and errors read ``rotation='rotor'``."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Rotation(_StrEnum):
     """How a unit vector is rotated before its coordinates are quantized.
 
     - ``"rotor"``: RotorQuant. Consecutive 3-dim groups ``(3g, 3g+1, 3g+2)`` are
@@ -28,7 +38,7 @@ class Rotation(str, enum.Enum):
     DENSE = "dense"
 
 
-class NormDtype(str, enum.Enum):
+class NormDtype(_StrEnum):
     """Storage dtype of the per-vector norms (and QJL residual norms).
 
     - ``"float32"`` (default): any finite float32 norm round-trips.
