@@ -54,8 +54,10 @@ def coordinate_density(x: np.ndarray, dim: int) -> np.ndarray:
     """``f_d(x)``, the density of one coordinate of a uniform unit vector in R^dim."""
     log_c = math.lgamma(dim / 2) - math.lgamma((dim - 1) / 2) - 0.5 * math.log(math.pi)
     x = np.asarray(x, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        return np.exp(log_c + (dim - 3) / 2 * np.log1p(-np.minimum(x * x, 1.0)))
+    base = np.maximum(1.0 - x * x, 0.0)
+    with np.errstate(divide="ignore"):  # d = 2 diverges at |x| = 1
+        inside = math.exp(log_c) * base ** ((dim - 3) / 2)
+    return np.where(np.abs(x) <= 1.0, inside, 0.0)
 
 
 def _support(dim: int) -> float:
@@ -89,8 +91,10 @@ def _initial_centroids(levels: int, dim: int) -> np.ndarray:
     return np.interp((np.arange(levels) + 0.5) / levels, cdf, np.sin(t))
 
 
-def _lloyd_step(c: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """One Lloyd-Max map ``c -> F(c)`` and its tridiagonal Jacobian ``dF/dc``.
+def lloyd_map(c: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """One step of the Lloyd-Max map ``c -> F(c)`` for ascending levels ``c``, and its tridiagonal Jacobian ``dF/dc``.
+
+    Plain Lloyd iteration is ``c = lloyd_map(c, dim)[0]`` repeated.
 
     ``F_i = int_{a_i}^{b_i} x f / int_{a_i}^{b_i} f`` with ``a_i, b_i`` the midpoints around ``c_i``;
     ``dF_i/db_i = f(b_i) (b_i - F_i) / mass_i`` and ``dF_i/da_i = f(a_i) (F_i - a_i) / mass_i``.
@@ -125,7 +129,7 @@ def lloyd_max(dim: int, bits: int) -> Codebook:
         raise ValueError(f"lloyd_max: expected dim >= 2 and bits in 1..8, got dim={dim}, bits={bits}")
     c = _initial_centroids(2**bits, dim)
     for iteration in range(1, _MAX_ITER + 1):
-        mapped, jac = _lloyd_step(c, dim)
+        mapped, jac = lloyd_map(c, dim)
         if np.max(np.abs(mapped - c)) < _TOL:
             break
         step = np.linalg.solve(np.eye(len(c)) - jac, mapped - c)
