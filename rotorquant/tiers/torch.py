@@ -1,0 +1,534 @@
+"""The torch tier: the reference algorithm vectorized over batches, on any torch device.
+
+Same functions and signatures as `rotorquant.tiers.numpy`; inputs are torch tensors of any
+leading shape in float16, bfloat16, float32 or float64, on CPU or CUDA. Per vector ``x (d,)``
+(``c`` = centroids, ``b`` = boundaries):
+
+    s = ||x||,  u = x / s                    normalize (rows float32 cannot hold: in float64)
+    y = Rot u                                rotor 3x3 blocks as 3 diagonals + 2 column gathers;
+                                             dense: one matmul (`LinearMap`)
+    k_j = #{i : y_j >= b_i}                  a boundary grid: base[t] + (y_j >= next[t]),
+                                             never a (n, d, 2**bits) tensor (`boundary_grid`)
+    codes                                    8 one-byte codes -> one int64 -> 3 shift/mask steps
+                                             -> ``bits`` little-endian bytes (`pack_bits`)
+    with QJL:  r = s (u - Rot^T c[k]),  signs = (S r >= 0),  ||r||
+
+Arithmetic runs in float64 for float64 inputs and in float32 otherwise; outputs come back in
+the input's dtype (`dequantize`) or the query's dtype (`scores`, `attention`). Rows are processed
+in chunks, so no intermediate grows beyond a few times one chunk. Constants come from
+`rotorquant.build_params` only, converted once per (spec, device, dtype) and cached.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import checks
+from ..compressed import Compressed
+from ..params import QuantParams
+from ..spec import NormDtype
+
+_NORM_DTYPES = {NormDtype.FLOAT32: torch.float32, NormDtype.FLOAT16: torch.float16}
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")  # the payload of a `Compressed`
+# Elements of one chunk of rows: small enough to stay in a CPU's L2/L3 cache, large enough
+# that a GPU launches few kernels.
+_CHUNK_ELEMENTS = {"cpu": 1 << 17}
+_GPU_CHUNK_ELEMENTS = 1 << 24
+# float32 norms are exact to rounding between these bounds; rows outside (or zero) are redone in float64.
+_SAFE_NORM_RANGE = (1e-15, 1e18)
+
+if sys.byteorder != "little":  # pragma: no cover - every torch platform is little-endian
+    raise ImportError("rotorquant.tiers.torch packs codes through little-endian int64 views")
+
+
+@dataclass(frozen=True, eq=False)
+class LinearMap:
+    """A rotation ``y = A u`` of row vectors ``u (n, d)`` in its cheapest exact form.
+
+    Dense: ``matrix_t = A^T`` and ``y = u @ matrix_t``. Block diagonal (rotors): the three
+    nonzeros of row ``i`` of ``A`` sit in columns ``partners[k, i]`` (``k = 0, 1, 2``; the
+    coordinates of ``i``'s own 3-group, ``partners[0, i] = i``), so
+
+        y_i = sum_k diagonals[k, i] * u[partners[k, i]]
+
+    three contiguous multiply-adds and two column gathers, O(d) per vector.
+    """
+
+    matrix_t: torch.Tensor | None
+    diagonals: torch.Tensor | None
+    partners: torch.Tensor | None
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` -> ``(n, d)``."""
+        if self.matrix_t is not None:
+            return u @ self.matrix_t
+        y = u * self.diagonals[0]
+        y.addcmul_(u.index_select(1, self.partners[1]), self.diagonals[1])
+        y.addcmul_(u.index_select(1, self.partners[2]), self.diagonals[2])
+        return y
+
+
+def block_diagonals(blocks: np.ndarray, dim: int, transpose: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(diagonals (3, d), partners (3, d))`` of the block-diagonal map of ``blocks (ceil(d/3), 3, 3)``.
+
+    Row ``i = 3g + a`` of group ``g`` (``m`` = its size, 3 or the ``d % 3`` tail) reads column
+    ``3g + (a + k) % m`` with weight ``M_g[a, (a + k) % m]`` (``M_g^T`` when ``transpose``); the
+    weight is 0 for ``k >= m`` so a short tail group is not counted twice.
+    """
+    i = np.arange(dim)
+    g, a = i // 3, i % 3
+    size = np.minimum(3, dim - 3 * g)
+    k = np.arange(3)[:, None]
+    j = (a + k) % size
+    weights = blocks[g, j, a] if transpose else blocks[g, a, j]
+    return np.where(k < size, weights, 0.0), 3 * g + j
+
+
+@dataclass(frozen=True, eq=False)
+class DeviceParams:
+    """`QuantParams` converted to tensors of one device and compute dtype.
+
+    Attributes:
+        source: the `QuantParams` they came from (cache identity check).
+        centroids: ``(2**mse_bits,)``.
+        forward, inverse: the rotation ``Rot`` and ``Rot^T`` as `LinearMap`.
+        scaled_forward: ``grid_scale * Rot``, which lands directly on the boundary grid.
+        qjl_matrix: ``(m, d)``, or None without QJL.
+        grid_offset, grid_scale, grid_base, grid_next: the nearest-centroid table of `boundary_grid`
+            (``grid_next`` multiplied by ``grid_scale``).
+    """
+
+    source: QuantParams
+    centroids: torch.Tensor
+    forward: LinearMap
+    inverse: LinearMap
+    scaled_forward: LinearMap
+    qjl_matrix: torch.Tensor | None
+    grid_offset: float
+    grid_scale: float
+    grid_base: torch.Tensor
+    grid_next: torch.Tensor
+
+
+def boundary_grid(boundaries: np.ndarray) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """``(offset, scale, base, next)``: a uniform grid over the boundaries with at most one per cell.
+
+    Cell ``t = floor(y * scale + offset)`` (clamped to the table) covers ``[e_t, e_t + h)`` with
+    ``h = 1 / scale = (smallest gap) / 2``. With ``base[t] = #{i : b_i < e_t}`` and
+    ``next[t] = b[base[t]]`` (the first boundary at or after ``e_t``; +inf if none),
+
+        #{i : b_i <= y} = base[t] + (y >= next[t])
+
+    two table reads and one comparison instead of a binary search. Rounding ``t`` can change the
+    answer only for ``y`` within float rounding of a boundary. Tables hold about 4 * 2**bits cells.
+    """
+    gap = float(np.diff(boundaries).min()) if len(boundaries) > 1 else 1.0
+    step = gap / 2
+    lo = float(boundaries[0]) - step
+    cells = int(math.ceil((float(boundaries[-1]) - lo) / step)) + 2
+    base = np.searchsorted(boundaries, lo + step * np.arange(cells), side="left")
+    following = np.append(boundaries, np.inf)[base]
+    return -lo / step, 1.0 / step, base, following
+
+
+_DEVICE_PARAMS: dict[tuple, DeviceParams] = {}
+_DEVICE_PARAMS_SIZE = 256  # entries kept; the oldest goes first (as build_params' own cache)
+
+
+def device_params(params: QuantParams, device: torch.device, dtype: torch.dtype) -> DeviceParams:
+    """``params`` as tensors on ``device`` in ``dtype``; converted once per (spec, device, dtype)."""
+    key = (params.spec, torch.device(device), dtype)
+    cached = _DEVICE_PARAMS.get(key)
+    if cached is not None and cached.source is params:
+        return cached
+
+    def put(a, as_dtype=dtype):
+        return None if a is None else torch.tensor(a, dtype=as_dtype, device=device)
+
+    def linear(transpose: bool, scale: float = 1.0) -> LinearMap:
+        if params.rotation is not None:
+            return LinearMap(put(scale * (params.rotation if transpose else params.rotation.T)), None, None)
+        diagonals, partners = block_diagonals(params.blocks, params.spec.dim, transpose)
+        return LinearMap(None, put(scale * diagonals), put(partners, torch.int64))
+
+    offset, scale, base, following = boundary_grid(params.boundaries)
+    entry = DeviceParams(
+        source=params,
+        centroids=put(params.centroids),
+        forward=linear(False),
+        inverse=linear(True),
+        scaled_forward=linear(False, scale),
+        qjl_matrix=put(params.qjl_matrix),
+        grid_offset=offset,
+        grid_scale=scale,
+        grid_base=put(base, torch.uint8),
+        grid_next=put(scale * following),
+    )
+    _DEVICE_PARAMS.pop(key, None)
+    while len(_DEVICE_PARAMS) >= _DEVICE_PARAMS_SIZE:
+        _DEVICE_PARAMS.pop(next(iter(_DEVICE_PARAMS)))
+    _DEVICE_PARAMS[key] = entry
+    return entry
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_vectors(name: str, x: object, dim: int) -> torch.Tensor:
+    """``x`` must be a real floating tensor ``(..., dim)``; finiteness is checked by the caller."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    checks.check_floating(name, _dtype_name(x.dtype), x.dtype in _FLOATING)
+    checks.check_last_dim(name, tuple(x.shape), dim)
+    return x
+
+
+def _check_torch_code(name: str, code: object, params: QuantParams) -> None:
+    """`checks.check_code` plus: the payload is torch tensors on one device."""
+    checks.check_code(name, code, params)
+    for field in _FIELDS:
+        value = getattr(code, field)
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{name}.{field}: expected a torch.Tensor (a code from the torch or triton tier), "
+                f"got {type(value).__name__}"
+            )
+        if value is not None and value.device != code.codes.device:
+            raise ValueError(
+                f"{name}.{field}: expected device {code.codes.device} (as {name}.codes), got {value.device}"
+            )
+    if code.codes.dtype != torch.uint8:
+        raise TypeError(f"{name}.codes: expected dtype uint8, got {_dtype_name(code.codes.dtype)}")
+
+
+def _check_same_device(name: str, code: Compressed, other: str, device: torch.device) -> None:
+    if code.codes.device != device:
+        raise ValueError(f"{name}: expected tensors on {other}'s device {device}, got {name} on {code.codes.device}")
+
+
+def _output_dtype(code: Compressed) -> torch.dtype:
+    dtype = getattr(torch, code.dtype, None)
+    if dtype not in _FLOATING:
+        raise ValueError(f"code.dtype: expected one of {[_dtype_name(t) for t in _FLOATING]}, got {code.dtype!r}")
+    return dtype
+
+
+# ---------------------------------------------------------------- rotation
+
+
+def rotate(u: torch.Tensor, params: QuantParams, inverse: bool = False) -> torch.Tensor:
+    """``(..., d)`` -> ``(..., d)``: the spec's rotation (``inverse=True``: its transpose), in ``u``'s dtype
+    (computed in float32, or float64 for float64 input)."""
+    checks.check_params(params)
+    u = _check_vectors("u", u, params.spec.dim)
+    dp = device_params(params, u.device, _compute_dtype(u.dtype))
+    flat = u.reshape(-1, params.spec.dim).to(dp.centroids.dtype)
+    return (dp.inverse if inverse else dp.forward)(flat).to(u.dtype).reshape(u.shape)
+
+
+# ---------------------------------------------------------------- bit packing
+
+
+def _signed(mask: int) -> int:
+    """A 64-bit pattern as the int64 value torch needs."""
+    return mask - (1 << 64) if mask >= 1 << 63 else mask
+
+
+def _merge_steps(bits: int) -> list[tuple[int, int, int]]:
+    """``(shift, keep, move)`` of the three steps that squeeze 8 byte-spaced codes into ``8*bits`` bits.
+
+    Before step ``s`` (0, 1, 2) the word holds groups of ``2**s`` packed codes, ``2**s * bits``
+    bits wide, at offsets ``8 * 2**s * k``. Step ``s`` moves every odd group down by
+    ``2**s * (8 - bits)`` bits, right behind its even neighbour: ``w = (w & keep) | ((w >> shift) & move)``.
+    """
+    steps = []
+    for s in range(3):
+        width, spacing = (1 << s) * bits, 8 << s
+        keep = move = 0
+        for m in range(0, 64, 2 * spacing):
+            keep |= ((1 << width) - 1) << m
+            move |= ((1 << width) - 1) << (m + width)
+        steps.append(((1 << s) * (8 - bits), _signed(keep), _signed(move)))
+    return steps
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """``(n, d)`` integer codes in ``[0, 2**bits)`` -> ``(n, ceil(d*bits/8))`` uint8, the documented stream.
+
+    Eight codes as bytes read as one little-endian int64 ``w = sum_i k_i << 8i``; three shift-and-mask
+    steps (`_merge_steps`) turn it into ``sum_i k_i << (i*bits)``, whose ``bits`` low bytes are exactly
+    the stream bytes of those eight codes. Intermediates are one byte per code.
+    """
+    n, d = codes.shape
+    words = -(-d // 8)
+    wide = codes.to(torch.uint8)
+    if d % 8:
+        wide = torch.nn.functional.pad(wide, (0, 8 * words - d))
+    w = wide.contiguous().view(torch.int64)  # (n, words)
+    for shift, keep, move in _merge_steps(bits):
+        if shift:
+            w = (w & keep) | ((w >> shift) & move)
+    stream = w.view(torch.uint8).view(n, words, 8)[..., :bits].reshape(n, words * bits)
+    return stream[:, : -(-d * bits // 8)]
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_bits`: ``(n, ceil(count*bits/8))`` uint8 -> ``(n, count)`` uint8 codes.
+
+    Each ``bits`` stream bytes widen to one int64 word (high bytes zero); the merge steps run
+    backwards, ``w = (w & keep) | ((w & move) << shift)``, leaving code ``i`` in byte ``i``.
+    """
+    n, nbytes = packed.shape
+    words = -(-count // 8)
+    wide = torch.zeros(n, words, 8, dtype=torch.uint8, device=packed.device)
+    flat = torch.nn.functional.pad(packed, (0, words * bits - nbytes)) if words * bits != nbytes else packed
+    wide[..., :bits] = flat.reshape(n, words, bits)
+    w = wide.view(torch.int64).view(n, words)
+    for shift, keep, move in reversed(_merge_steps(bits)):
+        if shift:
+            w = (w & keep) | ((w & move) << shift)
+    return w.view(torch.uint8).view(n, 8 * words)[:, :count]
+
+
+# ---------------------------------------------------------------- quantize
+
+
+def _rows(dim: int, device: torch.device) -> int:
+    """Rows per chunk on ``device``."""
+    return max(1, _CHUNK_ELEMENTS.get(device.type, _GPU_CHUNK_ELEMENTS) // dim)
+
+
+def _norms(flat: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+    """``||x||`` per row ``(n,)`` in ``compute`` dtype, free of float32 overflow and underflow.
+
+    float32 sums of squares overflow above ``||x|| ~ 1.8e19`` and lose tiny rows; those rows
+    (few or none) are recomputed in float64, which holds any float32 vector's norm.
+    """
+    s = torch.linalg.vector_norm(flat, dim=-1, dtype=compute)
+    if compute == torch.float64:
+        return s
+    lo, hi = _SAFE_NORM_RANGE
+    redo = ~((s > lo) & (s < hi))  # also NaN: redone in float64, still NaN, caught by the finite check
+    if bool(redo.any()):
+        s64 = torch.linalg.vector_norm(flat[redo].to(torch.float64), dim=-1)
+        s = s.to(torch.float64)
+        s[redo] = s64
+    return s
+
+
+def _nearest_centroid(y_scaled: torch.Tensor, dp: DeviceParams) -> torch.Tensor:
+    """``k = #{i : y >= b_i}`` elementwise (uint8) from ``y_scaled = grid_scale * y`` via `boundary_grid`."""
+    cell = (y_scaled + dp.grid_offset).clamp_(0, len(dp.grid_base) - 1).to(torch.int32).view(-1)
+    above = y_scaled.view(-1) >= dp.grid_next.index_select(0, cell)
+    return dp.grid_base.index_select(0, cell).add_(above).view(y_scaled.shape)
+
+
+def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: QuantParams, out: dict) -> None:
+    """Quantize rows ``x (n, d)`` with norms ``s (n,)`` into the slices ``out[field] (n, ...)``."""
+    spec = params.spec
+    compute = dp.centroids.dtype
+    safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
+    # Norms outside float32's comfortable range come as float64 (see `_norms`): divide in float64.
+    u = (x.to(safe.dtype) / safe).to(compute) if safe.dtype != compute else x.to(compute) / safe
+    idx = _nearest_centroid(dp.scaled_forward(u), dp)
+    out["codes"][:] = pack_bits(idx, spec.mse_bits)
+    scale = s
+    if spec.norm_correction or spec.qjl:
+        levels = dp.centroids.index_select(0, idx.view(-1).to(torch.int32)).view(idx.shape)
+        if spec.norm_correction:
+            scale = s / torch.linalg.vector_norm(levels, dim=-1, dtype=torch.float64)
+    out["norms"][:] = scale.to(out["norms"].dtype)
+    if spec.qjl:
+        unit_residual = u - dp.inverse(levels)  # r = s * unit_residual
+        projected = unit_residual @ dp.qjl_matrix.T
+        out["qjl_signs"][:] = pack_bits(projected * (s > 0)[:, None].to(compute) >= 0, 1)
+        rnorm = s * torch.linalg.vector_norm(unit_residual, dim=-1, dtype=torch.float64)
+        out["residual_norms"][:] = rnorm.to(out["residual_norms"].dtype)
+
+
+def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
+    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` on ``x``'s device."""
+    checks.check_params(params)
+    spec = params.spec
+    x = _check_vectors("x", x, spec.dim)
+    compute = _compute_dtype(x.dtype)
+    dp = device_params(params, x.device, compute)
+    lead = tuple(x.shape[:-1])
+    flat = x.reshape(-1, spec.dim)
+    if flat.stride(-1) != 1:  # rows reduce in one order whatever the input's layout
+        flat = flat.contiguous()
+    n = flat.shape[0]
+    s = _norms(flat, compute)
+    if not bool(torch.isfinite(s).all()):
+        checks.check_finite("x", bool(torch.isfinite(flat).all()))
+    norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    max_norm = float(s.max()) if n else 0.0
+    checks.check_norms_fit("x", max_norm, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value)
+
+    def empty(width, dtype):
+        shape = (n,) if width is None else (n, width)
+        return torch.empty(shape, dtype=dtype, device=x.device)
+
+    out = {"codes": empty(spec.code_bytes, torch.uint8), "norms": empty(None, norm_dtype)}
+    if spec.qjl:
+        out["qjl_signs"] = empty(spec.sign_bytes, torch.uint8)
+        out["residual_norms"] = empty(None, norm_dtype)
+    step = _rows(spec.dim, x.device)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        _quantize_rows(flat[rows], s[rows], dp, params, {k: v[rows] for k, v in out.items()})
+    fields = {k: v.reshape((*lead, *v.shape[1:])) for k, v in out.items()}
+    return Compressed(spec=spec, dtype=_dtype_name(x.dtype), **fields)
+
+
+# ---------------------------------------------------------------- dequantize, scores, attention
+
+
+def _flat_fields(code: Compressed) -> dict[str, torch.Tensor]:
+    """The payload of ``code`` as rows: ``codes (n, code_bytes)``, ``norms (n,)`` and the QJL fields."""
+    n = math.prod(code.shape)
+    fields = {f: getattr(code, f) for f in _FIELDS}
+    return {k: v.reshape(n, *v.shape[len(code.shape) :]) for k, v in fields.items() if v is not None}
+
+
+def _in_chunks(rows: dict[str, torch.Tensor], width: int, fn, out: torch.Tensor) -> torch.Tensor:
+    """``out[chunk] = fn(rows[chunk])`` over chunks of rows; returns ``out (n, width)``."""
+    n = out.shape[0]
+    step = _rows(width, out.device)
+    for start in range(0, n, step):
+        chunk = slice(start, start + step)
+        out[chunk] = fn({k: v[chunk] for k, v in rows.items()})
+    return out
+
+
+def _levels(rows: dict[str, torch.Tensor], dp: DeviceParams, spec) -> torch.Tensor:
+    """``c[k]``: the rotated-frame reconstruction of the unit vectors, ``(n, d)``."""
+    idx = unpack_bits(rows["codes"], spec.mse_bits, spec.dim)
+    return dp.centroids.index_select(0, idx.reshape(-1).to(torch.int32)).view(idx.shape)
+
+
+def _signs(rows: dict[str, torch.Tensor], dp: DeviceParams, spec) -> torch.Tensor:
+    """``z = sign(S r)`` as ``(n, m)`` in {-1, +1}."""
+    bits = unpack_bits(rows["qjl_signs"], 1, spec.qjl_dim)
+    return bits.to(dp.centroids.dtype).mul_(2).sub_(1)
+
+
+def _qjl_scale(rows: dict[str, torch.Tensor], spec, dtype: torch.dtype) -> torch.Tensor:
+    """``||r|| sqrt(pi/2) / m`` per vector ``(n,)``."""
+    return rows["residual_norms"].to(dtype) * (math.sqrt(math.pi / 2) / spec.qjl_dim)
+
+
+def _dequantize_rows(rows: dict[str, torch.Tensor], dp: DeviceParams, spec) -> torch.Tensor:
+    """``(n, d)`` reconstructions in the compute dtype: ``s Rot^T c[k]`` (+ the QJL term)."""
+    compute = dp.centroids.dtype
+    x_hat = dp.inverse(_levels(rows, dp, spec)).mul_(rows["norms"].to(compute)[:, None])
+    if spec.qjl:
+        x_hat.addcmul_(_qjl_scale(rows, spec, compute)[:, None], _signs(rows, dp, spec) @ dp.qjl_matrix)
+    return x_hat
+
+
+def _dequantize(code: Compressed, params: QuantParams, dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
+    """``(n, d)`` reconstructions in ``dtype``, computed chunk by chunk in ``compute``."""
+    spec = params.spec
+    dp = device_params(params, code.codes.device, compute)
+    rows = _flat_fields(code)
+    out = torch.empty(rows["codes"].shape[0], spec.dim, dtype=dtype, device=code.codes.device)
+    return _in_chunks(rows, spec.dim, lambda chunk: _dequantize_rows(chunk, dp, spec), out)
+
+
+def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
+    """Reconstruct ``(..., d)`` vectors in the input's dtype ``code.dtype``:
+    ``x_mse = s Rot^T c[k]`` (+ ``||r|| sqrt(pi/2)/m S^T z`` with QJL)."""
+    checks.check_params(params)
+    _check_torch_code("code", code, params)
+    dtype = _output_dtype(code)
+    return _dequantize(code, params, dtype, _compute_dtype(dtype)).reshape(*code.shape, params.spec.dim)
+
+
+def _scores(q: torch.Tensor, code: Compressed, params: QuantParams, name: str = "code") -> torch.Tensor:
+    """Checked `scores` in the compute dtype of ``q`` (``name``: the code's argument name in errors)."""
+    checks.check_params(params)
+    _check_torch_code(name, code, params)
+    spec = params.spec
+    q = _check_vectors("q", q, spec.dim)
+    checks.check_finite("q", bool(torch.isfinite(q).all()))
+    checks.check_min_ndim("q", tuple(q.shape), 2, "(..., M, dim)")
+    checks.check_min_ndim(name, code.shape, 1, "(..., N)")
+    _check_same_device(name, code, "q", q.device)
+    try:
+        torch.broadcast_shapes(tuple(q.shape[:-2]), code.shape[:-1])
+    except RuntimeError:
+        raise checks.broadcast_error("q", tuple(q.shape[:-2]), name, code.shape[:-1]) from None
+    compute = _compute_dtype(q.dtype)
+    dp = device_params(params, q.device, compute)
+    qc = q.to(compute)
+    # q . (s Rot^T c) = s (Rot q) . c: rotate the M queries instead of the N keys.
+    rotated_q = dp.forward(qc.reshape(-1, spec.dim)).reshape(qc.shape)
+    rows = _flat_fields(code)
+    n = rows["codes"].shape[0]
+    levels = torch.empty(n, spec.dim, dtype=compute, device=q.device)
+    levels = _in_chunks(rows, spec.dim, lambda chunk: _levels(chunk, dp, spec), levels)
+    norms = rows["norms"].to(compute).view(code.shape)
+    out = (rotated_q @ levels.view(*code.shape, spec.dim).transpose(-1, -2)) * norms[..., None, :]
+    if spec.qjl:
+        sketch = qc @ dp.qjl_matrix.T  # (..., M, m)
+        signs = torch.empty(n, spec.qjl_dim, dtype=compute, device=q.device)
+        signs = _in_chunks(rows, spec.qjl_dim, lambda chunk: _signs(chunk, dp, spec), signs)
+        qjl = _qjl_scale(rows, spec, compute).view(code.shape)
+        out = out + (sketch @ signs.view(*code.shape, spec.qjl_dim).transpose(-1, -2)) * qjl[..., None, :]
+    return out
+
+
+def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tensor:
+    """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``
+    in ``q``'s dtype.
+
+    Without QJL ``s_n (Rot q_m) . c[k_n]`` (= ``q . x_mse``); with QJL plus ``||r|| sqrt(pi/2)/m <S q, z>``.
+    """
+    return _scores(q, code, params).to(q.dtype)
+
+
+def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None) -> torch.Tensor:
+    """Decode attention over a compressed K/V cache, in ``q``'s dtype.
+
+    ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
+    reads KV head ``h // (Hq // Hkv)``. Every query attends to the first ``lengths[b]`` keys
+    (all ``N`` when None), with no causal mask among queries:
+
+        out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
+    """
+    checks.check_params(k_params)
+    checks.check_params(v_params)
+    _check_torch_code("k_code", k_code, k_params)
+    _check_torch_code("v_code", v_code, v_params)
+    q = _check_vectors("q", q, k_params.spec.dim)
+    group = checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
+    _check_same_device("v_code", v_code, "q", q.device)
+    batch, kv_heads, kv_len = k_code.shape
+    _, q_heads, q_len, dim = q.shape
+    s = _scores(q.reshape(batch, kv_heads, group * q_len, dim), k_code, k_params, "k_code")
+    s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=q.device)
+        checks.check_lengths_shape(tuple(lengths.shape), batch)
+        checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len)
+        keep = torch.arange(kv_len, device=q.device) < lengths[:, None, None, None]
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    v = _dequantize(v_code, v_params, s.dtype, s.dtype)
+    out = p @ v.view(batch, kv_heads, kv_len, v_params.spec.dim)
+    return out.reshape(batch, q_heads, q_len, -1).to(q.dtype)
