@@ -1,0 +1,204 @@
+"""Split-K (flash-decoding) attention over a compressed K/V cache.
+
+Pass 1, `attention_split_kernel`: program ``(bh, split, row block)`` walks the keys of one
+split in blocks of ``BLOCK_N`` with an online softmax in base 2. Queries arrive rotated and
+pre-scaled, ``q' = scale * log2(e) * Rot_K(q)`` (plus the QJL sketch ``scale * log2(e) *
+sqrt(pi/2)/m_K * S_K q``), so a key's logit is
+
+    t_n = s_n * (q' . c[k_n]) + rho_n * (S q)' . z_n
+
+Values stay in V's rotated domain: the split accumulates ``sum_n p_n v_n c[k_n]`` and
+``sum_n p_n rho_n z_n`` (V's norms ``v_n``, residual norms ``rho_n``, signs ``z_n``), with the
+running max ``mx`` and denominator ``l``.
+
+Pass 2, `attention_combine_kernel`: merges the splits (weights ``2^(mx_s - max)``), divides by
+``l`` and maps back to the original space once per query:
+
+    out = (acc / l) @ R_V + sqrt(pi/2)/m_V * (acc_qjl / l) @ S_V
+
+Operands of the two ``tl.dot`` s of pass 1 are cast to ``DOT_DTYPE`` (float16 for half
+precision queries, float32 otherwise). Query rows are divided by their max ``|q'|`` and the
+value weights ``p_n v_n`` by their block max first, so float16 operands lie in [-1, 1].
+"""
+
+import triton
+import triton.language as tl
+
+from .scores import load_levels, load_signs
+
+
+@triton.jit
+def _unit_rows(
+    t,  # (ROWS, COLS) float32
+):
+    """``(t / r, r)`` with ``r`` each row's max ``|t|`` (1 for all-zero rows)."""
+    r = tl.max(tl.abs(t), axis=1)
+    r = tl.where(r > 0, r, 1.0)
+    return t / r[:, None], r
+
+
+@triton.jit
+def attention_split_kernel(
+    qrot_ptr,  # (BH, R, BLOCK_DK) CDT pre-scaled rotated queries, zero-padded
+    qsk_ptr,  # K QJL: (BH, R, BLOCK_MK) CDT pre-scaled query sketches, zero-padded
+    k_codes_ptr,  # (BH, N, k_code_bytes) uint8
+    k_norms_ptr,  # (BH, N) stored key norms
+    k_signs_ptr,  # K QJL: (BH, N, k_sign_bytes) uint8
+    k_res_ptr,  # K QJL: (BH, N) key residual norms
+    k_cent_ptr,  # (2**K_BITS,) CDT key centroids
+    v_codes_ptr,  # (BH, N, v_code_bytes) uint8
+    v_norms_ptr,  # (BH, N) stored value norms
+    v_signs_ptr,  # V QJL: (BH, N, v_sign_bytes) uint8
+    v_res_ptr,  # V QJL: (BH, N) value residual norms
+    v_cent_ptr,  # (2**V_BITS,) CDT value centroids
+    lengths_ptr,  # (batch,) int32 keys to attend to per sequence
+    mx_ptr,  # (BH, SPLITS, R) CDT output: running max (base 2), -inf for an empty split
+    l_ptr,  # (BH, SPLITS, R) CDT output: softmax denominator
+    acc_ptr,  # (BH, SPLITS, R, BLOCK_DV) CDT output: rotated-domain value sum
+    accq_ptr,  # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT output: sum of p rho z
+    kv_heads,  # KV heads (bh // kv_heads is the batch index)
+    N,  # cache length (keys per head)
+    R,  # query rows per KV head: group * q_len
+    split_len,  # keys per split (a multiple of BLOCK_N)
+    dk,  # key dimension
+    dv,  # value dimension
+    mk,  # K QJL projections
+    mv,  # V QJL projections
+    k_code_bytes,  # ceil(dk * K_BITS / 8)
+    v_code_bytes,  # ceil(dv * V_BITS / 8)
+    k_sign_bytes,  # ceil(mk / 8)
+    v_sign_bytes,  # ceil(mv / 8)
+    K_BITS: tl.constexpr,  # key bits per code
+    V_BITS: tl.constexpr,  # value bits per code
+    K_QJL: tl.constexpr,  # keys carry a QJL sketch
+    V_QJL: tl.constexpr,  # values carry a QJL sketch
+    splits,  # number of key splits
+    CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
+    DOT_DTYPE: tl.constexpr,  # tl.float16 (half-precision queries) or CDT: operand dtype of the tl.dots
+    DOT_PRECISION: tl.constexpr,  # input_precision of float32 dots ("tf32x3" or "ieee"); ignored for float16
+    BLOCK_Q: tl.constexpr,  # query rows per program (>= 16)
+    BLOCK_N: tl.constexpr,  # keys per step (>= 16)
+    BLOCK_DK: tl.constexpr,  # power of two >= max(dk, 16)
+    BLOCK_DV: tl.constexpr,  # power of two >= max(dv, 16)
+    BLOCK_MK: tl.constexpr,  # power of two >= max(mk, 16)
+    BLOCK_MV: tl.constexpr,  # power of two >= max(mv, 16)
+):
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < R
+    length = tl.load(lengths_ptr + bh // kv_heads)
+    start = split * split_len
+    end = tl.minimum(start + split_len, length)
+
+    q_row = bh * R + rows
+    q_tile = q_row[:, None] * BLOCK_DK + tl.arange(0, BLOCK_DK)[None, :]
+    q = tl.load(qrot_ptr + q_tile, mask=row_ok[:, None], other=0.0)
+    q, q_max = _unit_rows(q)
+    q = q.to(DOT_DTYPE)
+    if K_QJL:
+        sk_tile = q_row[:, None] * BLOCK_MK + tl.arange(0, BLOCK_MK)[None, :]
+        sk = tl.load(qsk_ptr + sk_tile, mask=row_ok[:, None], other=0.0)
+        sk, sk_max = _unit_rows(sk)
+        sk = sk.to(DOT_DTYPE)
+
+    mx = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
+    denom = tl.zeros((BLOCK_Q,), dtype=CDT)
+    acc = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=CDT)
+    accq = tl.zeros((BLOCK_Q, BLOCK_MV), dtype=CDT)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        k_ok = keys < end
+        key = bh * N + keys
+        # logits of this key block (base 2)
+        level = load_levels(
+            k_codes_ptr + key * k_code_bytes, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS, BLOCK_N, BLOCK_DK, DOT_DTYPE
+        )
+        kn = tl.load(k_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
+        t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * q_max[:, None] * kn[None, :]
+        if K_QJL:
+            z = load_signs(k_signs_ptr + key * k_sign_bytes, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE)
+            rho = tl.load(k_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
+            t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
+        t = tl.where(k_ok[None, :], t, float("-inf"))
+        # online softmax
+        mx_new = tl.maximum(mx, tl.max(t, axis=1))
+        alpha = tl.exp2(mx - mx_new)
+        p = tl.exp2(t - mx_new[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        mx = mx_new
+        # values, in V's rotated domain
+        vlevel = load_levels(
+            v_codes_ptr + key * v_code_bytes, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS, BLOCK_N, BLOCK_DV, DOT_DTYPE
+        )
+        vn = tl.load(v_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
+        v_big = tl.max(vn, axis=0)
+        v_big = tl.where(v_big > 0, v_big, 1.0)
+        pv = (p * (vn / v_big)[None, :]).to(DOT_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(pv, vlevel, input_precision=DOT_PRECISION) * v_big
+        if V_QJL:
+            vz = load_signs(v_signs_ptr + key * v_sign_bytes, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE)
+            vrho = tl.load(v_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
+            r_big = tl.max(vrho, axis=0)
+            r_big = tl.where(r_big > 0, r_big, 1.0)
+            pr = (p * (vrho / r_big)[None, :]).to(DOT_DTYPE)
+            accq = accq * alpha[:, None] + tl.dot(pr, vz, input_precision=DOT_PRECISION) * r_big
+
+    part = (bh * splits + split) * R + rows
+    tl.store(mx_ptr + part, mx, mask=row_ok)
+    tl.store(l_ptr + part, denom, mask=row_ok)
+    tl.store(acc_ptr + part[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], acc, mask=row_ok[:, None])
+    if V_QJL:
+        tl.store(accq_ptr + part[:, None] * BLOCK_MV + tl.arange(0, BLOCK_MV)[None, :], accq, mask=row_ok[:, None])
+
+
+@triton.jit
+def attention_combine_kernel(
+    mx_ptr,  # (BH, SPLITS, R) CDT running maxima of pass 1
+    l_ptr,  # (BH, SPLITS, R) CDT denominators of pass 1
+    acc_ptr,  # (BH, SPLITS, R, BLOCK_DV) CDT rotated-domain value sums
+    accq_ptr,  # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT sums of p rho z
+    rot_ptr,  # (BLOCK_DV, BLOCK_DV) CDT V's rotation matrix R_V zero-padded (x = y @ R_V)
+    smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT S_V zero-padded
+    out_ptr,  # (BH, R, dv) output in the query dtype (float32 for bfloat16 queries)
+    R,  # query rows per KV head
+    dv,  # value dimension
+    qjl_scale,  # V QJL: sqrt(pi/2) / mv
+    V_QJL: tl.constexpr,  # values carry a QJL sketch
+    CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
+    DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
+    splits,  # number of key splits
+    BLOCK_Q: tl.constexpr,  # query rows per program (>= 16)
+    BLOCK_DV: tl.constexpr,  # power of two >= max(dv, 16)
+    BLOCK_C: tl.constexpr,  # output coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_DV
+    BLOCK_MV: tl.constexpr,  # power of two >= max(mv, 16)
+):
+    bh = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < R
+    cols = tl.arange(0, BLOCK_DV)
+    mcols = tl.arange(0, BLOCK_MV)
+    top = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
+    for s in range(splits):
+        top = tl.maximum(top, tl.load(mx_ptr + (bh * splits + s) * R + rows, mask=row_ok, other=0.0))
+    denom = tl.zeros((BLOCK_Q,), dtype=CDT)
+    y = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=CDT)
+    yq = tl.zeros((BLOCK_Q, BLOCK_MV), dtype=CDT)
+    for s in range(splits):
+        part = (bh * splits + s) * R + rows
+        w = tl.exp2(tl.load(mx_ptr + part, mask=row_ok, other=0.0) - top)  # 0 for an empty split
+        denom += w * tl.load(l_ptr + part, mask=row_ok, other=0.0)
+        y += w[:, None] * tl.load(acc_ptr + part[:, None] * BLOCK_DV + cols[None, :], mask=row_ok[:, None], other=0.0)
+        if V_QJL:
+            accq = tl.load(accq_ptr + part[:, None] * BLOCK_MV + mcols[None, :], mask=row_ok[:, None], other=0.0)
+            yq += w[:, None] * accq
+    denom = tl.where(row_ok, denom, 1.0)
+    y = y / denom[:, None]
+    yq = yq * (qjl_scale / denom)[:, None]
+    for c0 in tl.static_range(0, BLOCK_DV, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        x = tl.dot(y, tl.load(rot_ptr + cols[:, None] * BLOCK_DV + cc[None, :]), input_precision=DOT_PRECISION)
+        if V_QJL:
+            x += tl.dot(yq, tl.load(smat_ptr + mcols[:, None] * BLOCK_DV + cc[None, :]), input_precision=DOT_PRECISION)
+        out = out_ptr + (bh * R + rows)[:, None] * dv + cc[None, :]
+        tl.store(out, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cc < dv)[None, :])

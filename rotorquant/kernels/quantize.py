@@ -1,0 +1,131 @@
+"""Fused quantize: norm -> normalize -> rotate -> nearest centroid -> bit-pack (-> QJL sketch).
+
+One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for float64 inputs). For a row ``x``:
+
+    big = max_j |x_j|,  root = ||x / big||,  s = big * root         (no overflow in the squares)
+    u = (x / big) / root                                             (u = 0 for a zero vector)
+    y = Rot(u)            rotor:  y_c = sum_i W[i, c] * u[3*(c//3) + i]    (3x3 blocks, O(d))
+                          dense:  y = u @ R^T                              (tl.dot, O(d^2))
+    k_c = #{i : y_c >= boundaries[i]}                                (binary search, BITS steps)
+    stored norm = s, or s / ||c[k]|| with norm correction
+    QJL:  S r = s * (S Rot^T) (y - c[k]),  ||r|| = s * ||y - c[k]||   (the rotation is orthogonal)
+
+The coordinates are processed in chunks of ``BLOCK_C`` (a multiple of 8, so each chunk packs
+into whole bytes).
+"""
+
+import triton
+import triton.language as tl
+
+from .bitpack import store_codes
+
+
+@triton.jit
+def nearest_code(
+    y,  # (ROWS, COLS) float32 rotated coordinates
+    bnd_ptr,  # pointer to the 2**BITS - 1 ascending CDT boundaries
+    BITS: tl.constexpr,  # bits per code
+):
+    """``#{i : y >= boundaries[i]}`` by binary search (equal to counting: the boundaries ascend)."""
+    code = tl.zeros(y.shape, dtype=tl.int32)
+    for t in tl.static_range(BITS):
+        cand = code + (1 << (BITS - 1 - t))  # in 1 .. 2**BITS - 1: always a valid boundary index + 1
+        code = tl.where(y >= tl.load(bnd_ptr + cand - 1), cand, code)
+    return code
+
+
+@triton.jit
+def exact_sqrt(
+    x,  # float32 or float64 tensor
+):
+    """Correctly rounded square root (``tl.sqrt`` is approximate for float32)."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def quantize_kernel(
+    x_ptr,  # (n, d) input vectors, any float dtype, rows stride_x apart
+    stride_x,  # elements between consecutive rows of x
+    n,  # number of vectors
+    d,  # vector dimension
+    codes_ptr,  # (n, code_bytes) uint8 output: packed codes
+    code_bytes,  # ceil(d * BITS / 8)
+    norms_ptr,  # (n,) CDT output: the stored norm (s, or s / ||c[k]|| with NORM_CORRECTION)
+    raw_norms_ptr,  # (n,) CDT output: s = ||x|| (written only with NORM_CORRECTION)
+    rot_ptr,  # DENSE: (BLOCK_D, BLOCK_D) CDT R^T zero-padded; rotor: (3, BLOCK_D) weights W
+    bnd_ptr,  # (2**BITS - 1,) CDT boundaries
+    cent_ptr,  # (2**BITS,) CDT centroids
+    proj_ptr,  # QJL: (BLOCK_D, BLOCK_M) CDT (S Rot^T)^T zero-padded
+    signs_ptr,  # QJL: (n, sign_bytes) uint8 output: packed sign bits of S r
+    sign_bytes,  # QJL: ceil(m / 8)
+    res_norms_ptr,  # QJL: (n,) CDT output: ||r||
+    m,  # QJL: number of projections
+    CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
+    DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
+    BITS: tl.constexpr,  # bits per code (spec.mse_bits)
+    DENSE: tl.constexpr,  # True: dense rotation; False: rotor blocks
+    QJL: tl.constexpr,  # True: also write the QJL sketch of the residual
+    NORM_CORRECTION: tl.constexpr,  # True: store s / ||c[k]||
+    BLOCK_N: tl.constexpr,  # vectors per program
+    BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
+    BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
+    BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    x_rows = x_ptr + rows64 * stride_x
+    x = tl.load(x_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < d), other=0.0)
+    x = x.to(CDT)
+    big = tl.max(tl.abs(x), axis=1)
+    big = tl.where(big > 0, big, 1.0)
+    xs = x / big[:, None]
+    root = exact_sqrt(tl.sum(xs * xs, axis=1))
+    s = big * root  # NaN or Inf exactly when x holds NaN/Inf or ||x|| overflows float32
+    root = tl.where(root > 0, root, 1.0)
+    if DENSE:
+        u = xs / root[:, None]
+
+    code_rows = codes_ptr + rows64 * code_bytes
+    mcols = tl.arange(0, BLOCK_M)
+    sketch = tl.zeros((BLOCK_N, BLOCK_M), dtype=CDT)
+    res_sq = tl.zeros((BLOCK_N,), dtype=CDT)
+    cent_sq = tl.zeros((BLOCK_N,), dtype=CDT)
+    for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        if DENSE:
+            rt = tl.load(rot_ptr + cols[:, None] * BLOCK_D + cc[None, :])
+            y = tl.dot(u, rt, input_precision=DOT_PRECISION)
+        else:
+            y = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)
+            for i in tl.static_range(3):
+                src = 3 * (cc // 3) + i
+                xi = tl.load(x_rows[:, None] + src[None, :], mask=row_ok[:, None] & (src[None, :] < d), other=0.0)
+                y += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * (xi.to(CDT) / big[:, None])
+            y = y / root[:, None]
+        valid = (cc < d)[None, :]
+        code = tl.where(valid, nearest_code(y, bnd_ptr, BITS), 0)
+        store_codes(code_rows, row_ok, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C)
+        if QJL or NORM_CORRECTION:
+            level = tl.where(valid, tl.load(cent_ptr + code), 0.0)
+            if NORM_CORRECTION:
+                cent_sq += tl.sum(level * level, axis=1)
+            if QJL:
+                diff = tl.where(valid, y - level, 0.0)
+                res_sq += tl.sum(diff * diff, axis=1)
+                proj = tl.load(proj_ptr + cc[:, None] * BLOCK_M + mcols[None, :])
+                sketch += tl.dot(diff, proj, input_precision=DOT_PRECISION)
+
+    if NORM_CORRECTION:
+        tl.store(raw_norms_ptr + rows, s, mask=row_ok)
+        tl.store(norms_ptr + rows, s / exact_sqrt(cent_sq), mask=row_ok)
+    else:
+        tl.store(norms_ptr + rows, s, mask=row_ok)
+    if QJL:
+        bits = tl.where((sketch * s[:, None] >= 0) & (mcols < m)[None, :], 1, 0)
+        store_codes(signs_ptr + rows64 * sign_bytes, row_ok, bits, 0, sign_bytes, 1, BLOCK_N, BLOCK_M)
+        tl.store(res_norms_ptr + rows, s * exact_sqrt(res_sq), mask=row_ok)

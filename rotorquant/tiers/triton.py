@@ -1,0 +1,495 @@
+"""The Triton tier: fused GPU kernels with the reference's semantics and byte format.
+
+Same functions and signatures as `rotorquant.tiers.numpy`; inputs and outputs are torch
+tensors on a CUDA device (or CPU tensors under the Triton interpreter, ``TRITON_INTERPRET=1``
+set before this module is imported). The kernels live in `rotorquant.kernels`:
+
+=====================  ==============================================================
+function               kernels
+=====================  ==============================================================
+`quantize`             `quantize_kernel`: norm, rotation, codes, packing, QJL sketch
+`dequantize`           `dequantize_kernel`: unpack, centroids, inverse rotation, scale
+`scores`               `scores_kernel` on queries rotated once: ``s * Rot(q) . c[k]``
+`attention`            `attention_split_kernel` + `attention_combine_kernel`
+=====================  ==============================================================
+
+Arithmetic inside the kernels is float32, float64 for float64 inputs (half-precision queries
+use float16 tensor cores in `attention`, with operands scaled into [-1, 1]). Outputs: `dequantize` returns the
+code's dtype, `scores` and `attention` the query's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+try:
+    import torch
+    import triton
+    import triton.language as tl
+except ImportError as err:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "rotorquant.tiers.triton needs torch and triton: pip install 'rotorquant[triton]' "
+        f"(missing: {err.name})"
+    ) from err
+
+from .. import checks
+from ..compressed import Compressed
+from ..kernels.attention import attention_combine_kernel, attention_split_kernel
+from ..kernels.dequantize import dequantize_kernel
+from ..kernels.quantize import quantize_kernel
+from ..kernels.scores import scores_kernel
+from ..params import QuantParams
+from ..spec import NormDtype, QuantizerSpec
+
+__all__ = ["attention", "dequantize", "quantize", "scores"]
+
+INTERPRETING = type(quantize_kernel).__name__ == "InterpretedFunction"
+"""True when ``TRITON_INTERPRET=1`` was set before the kernels were imported (CPU tensors)."""
+
+_NORM_DTYPES = {NormDtype.FLOAT32: torch.float32, NormDtype.FLOAT16: torch.float16}
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LOG2E = 1.0 / math.log(2.0)
+# float32 tl.dots: three TF32 passes on tensor cores (float32-level accuracy) instead of "ieee", whose
+# FMA lowering spills thousands of bytes at d = 128; the interpreter multiplies in float32 either way.
+_TF32X3 = "ieee" if INTERPRETING else "tf32x3"
+# 8 warps: every kernel compiles for sm_90 without register spills at d = 128 (4 warps spill).
+_WARPS = 8
+_SQRT_HALF_PI = math.sqrt(math.pi / 2)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 16) (tl.arange and tl.dot sizes)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """A spec's constants on one device in the compute dtype, zero-padded to kernel tile sizes.
+
+    ``block_d`` = pow2(d), ``block_m`` = pow2(qjl_dim). ``fwd``/``inv``: dense ``R^T``/``R``
+    ``(block_d, block_d)``, or rotor weights ``(3, block_d)`` with ``fwd[i, c] = blocks[c//3, c%3, i]``
+    and ``inv[i, c] = blocks[c//3, i, c%3]``. ``rmat``: the whole rotation ``R`` padded
+    (``x = y @ R``); ``rot_t``: ``(d, block_d)`` ``R^T`` (``Rot(q) = q @ rot_t``). QJL:
+    ``proj`` = ``(S R^T)^T`` ``(block_d, block_m)``, ``smat`` = ``S`` ``(block_m, block_d)``,
+    ``sketch_t`` = ``S^T`` ``(d, block_m)``.
+    """
+
+    block_d: int
+    block_m: int
+    centroids: torch.Tensor
+    boundaries: torch.Tensor
+    fwd: torch.Tensor
+    inv: torch.Tensor
+    rmat: torch.Tensor
+    rot_t: torch.Tensor
+    proj: torch.Tensor | None
+    smat: torch.Tensor | None
+    sketch_t: torch.Tensor | None
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of the kernels for inputs of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _kernel_dtypes(compute: torch.dtype) -> dict:
+    """The kernels' ``CDT`` and ``DOT_PRECISION`` for a compute dtype (float64 dots are exact "ieee")."""
+    if compute == torch.float64:
+        return {"CDT": tl.float64, "DOT_PRECISION": "ieee"}
+    return {"CDT": tl.float32, "DOT_PRECISION": _TF32X3}
+
+
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What a kernel writes for an output of ``dtype``: bfloat16 is rounded by torch afterwards, since
+    the interpreter's float32 -> bfloat16 cast truncates."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+def _padded(a, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.float64)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out.to(device=device, dtype=dtype)
+
+
+def _rotor_weights(blocks, dim: int, block_d: int, transpose: bool) -> torch.Tensor:
+    """``(3, block_d)``: ``w[i, c]`` multiplies coordinate ``3*(c//3)+i`` to give output ``c`` (0 off the vector)."""
+    b = torch.tensor(blocks, dtype=torch.float64)
+    w = torch.zeros((3, block_d), dtype=torch.float64)
+    for c in range(dim):
+        g, r = divmod(c, 3)
+        for i in range(3):
+            if 3 * g + i < dim:
+                w[i, c] = b[g, i, r] if transpose else b[g, r, i]
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(params: QuantParams, device: torch.device, dtype: torch.dtype) -> _Tables:
+    spec = params.spec
+    d, bd = spec.dim, _pow2(spec.dim)
+    rot = torch.tensor(params.rotation_matrix(), dtype=torch.float64)
+    if params.rotation is not None:
+        fwd, inv = _padded(rot.T, (bd, bd), device, dtype), _padded(rot, (bd, bd), device, dtype)
+    else:
+        fwd = _rotor_weights(params.blocks, d, bd, transpose=False).to(device=device, dtype=dtype)
+        inv = _rotor_weights(params.blocks, d, bd, transpose=True).to(device=device, dtype=dtype)
+    proj = smat = sketch_t = None
+    bm = _pow2(spec.qjl_dim)
+    if spec.qjl:
+        s = torch.tensor(params.qjl_matrix, dtype=torch.float64)
+        proj = _padded(rot @ s.T, (bd, bm), device, dtype)
+        smat = _padded(s, (bm, bd), device, dtype)
+        sketch_t = _padded(s.T, (d, bm), device, dtype)
+    return _Tables(
+        block_d=bd,
+        block_m=bm,
+        centroids=torch.tensor(params.centroids, dtype=dtype, device=device),
+        boundaries=torch.tensor(params.boundaries, dtype=dtype, device=device),
+        fwd=fwd,
+        inv=inv,
+        rmat=_padded(rot, (bd, bd), device, dtype),
+        rot_t=_padded(rot.T, (d, bd), device, dtype),
+        proj=proj,
+        smat=smat,
+        sketch_t=sketch_t,
+    )
+
+
+# ---------------------------------------------------------------------------- input checks
+
+
+def _check_device(name: str, device: torch.device) -> None:
+    if device.type == "cuda" or (INTERPRETING and device.type == "cpu"):
+        return
+    hint = "" if INTERPRETING else " (CPU tensors need TRITON_INTERPRET=1 set before importing rotorquant.tiers.triton)"
+    raise ValueError(f"{name}: expected a tensor on a CUDA device{hint}, got one on {device}")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_vectors(name: str, x: object, dim: int) -> torch.Tensor:
+    """``x`` must be a real floating tensor ``(..., dim)`` on a device the kernels can run on."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    checks.check_floating(name, _dtype_name(x.dtype), x.dtype in _FLOATING)
+    checks.check_last_dim(name, tuple(x.shape), dim)
+    _check_device(name, x.device)
+    return x
+
+
+def _check_code_tensors(name: str, code: Compressed, device: torch.device | None) -> torch.device:
+    """The payload must be torch tensors of the documented dtypes on one device (``device`` if given)."""
+    spec = code.spec
+    norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    fields = {"codes": (code.codes, torch.uint8), "norms": (code.norms, norm_dtype)}
+    if spec.qjl:
+        fields["qjl_signs"] = (code.qjl_signs, torch.uint8)
+        fields["residual_norms"] = (code.residual_norms, norm_dtype)
+    for field, (t, dtype) in fields.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{name}.{field}: expected a torch.Tensor (a code from the torch or triton tier), got {type(t).__name__}"
+            )
+        if t.dtype != dtype:
+            raise TypeError(f"{name}.{field}: expected dtype {_dtype_name(dtype)}, got {_dtype_name(t.dtype)}")
+        device = t.device if device is None else device
+        if t.device != device:
+            raise ValueError(f"{name}.{field}: expected device {device}, got {t.device}")
+        _check_device(f"{name}.{field}", t.device)
+    if spec.qjl and tuple(code.qjl_signs.shape) != (*code.shape, spec.sign_bytes):
+        raise ValueError(
+            f"{name}.qjl_signs: expected shape {(*code.shape, spec.sign_bytes)}, got {tuple(code.qjl_signs.shape)}"
+        )
+    return device
+
+
+def _output_dtype(code: Compressed) -> torch.dtype:
+    dtype = getattr(torch, str(code.dtype), None)
+    if dtype not in _FLOATING:
+        raise ValueError(f"code.dtype: expected one of {[_dtype_name(t) for t in _FLOATING]}, got {code.dtype!r}")
+    return dtype
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    checks.check_finite(name, bool(torch.isfinite(t).all()))
+
+
+# ---------------------------------------------------------------------------- quantize
+
+
+def _quantize_block_sizes(spec: QuantizerSpec, block_d: int, block_m: int) -> tuple[int, int]:
+    """``(BLOCK_N, BLOCK_C)``: float32 ``tl.dot`` operands of a chunk stay <= 32 KiB."""
+    if INTERPRETING:
+        return 16, 16
+    block_n = 32 if block_d <= 128 else 16
+    chunk = block_d if spec.rotation.value == "rotor" else max(16, 8192 // block_d)
+    if spec.qjl:
+        chunk = min(chunk, max(16, 8192 // block_m))
+    return block_n, min(chunk, block_d)
+
+
+def _quantize_rows(rows: torch.Tensor, params: QuantParams) -> tuple[torch.Tensor, ...]:
+    """Launch `quantize_kernel` on ``rows (n, d)`` (unit stride): float32
+    ``(codes, norms, raw_norms, signs, residual_norms)``; no checks, no synchronization."""
+    spec = params.spec
+    compute = _compute(rows.dtype)
+    tab = _tables(params, rows.device, compute)
+    n = rows.shape[0]
+    new = functools.partial(torch.empty, device=rows.device)
+    codes = new((n, spec.code_bytes), dtype=torch.uint8)
+    norms = new((n,), dtype=compute)
+    raw = new((n,), dtype=compute) if spec.norm_correction else norms
+    signs = new((n, spec.sign_bytes), dtype=torch.uint8) if spec.qjl else None
+    res = new((n,), dtype=compute) if spec.qjl else None
+    block_n, block_c = _quantize_block_sizes(spec, tab.block_d, tab.block_m)
+    if n:
+        quantize_kernel[(triton.cdiv(n, block_n),)](
+            rows, rows.stride(0), n, spec.dim,
+            codes, spec.code_bytes, norms, raw,
+            tab.fwd, tab.boundaries, tab.centroids,
+            tab.proj if spec.qjl else tab.centroids,
+            signs if spec.qjl else codes, spec.sign_bytes,
+            res if spec.qjl else norms, spec.qjl_dim,
+            **_kernel_dtypes(compute), BITS=spec.mse_bits, DENSE=params.rotation is not None, QJL=spec.qjl,
+            NORM_CORRECTION=spec.norm_correction, BLOCK_N=block_n, BLOCK_D=tab.block_d,
+            BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=_WARPS,
+        )  # fmt: skip
+    return codes, norms, raw, signs, res
+
+
+def _check_norms(x: torch.Tensor, raw: torch.Tensor, spec: QuantizerSpec) -> None:
+    """One synchronization: the kernel's norms are finite and fit the norm dtype, else the reference's errors."""
+    if raw.numel() == 0:
+        return
+    limit = float(torch.finfo(_NORM_DTYPES[spec.norm_dtype]).max)
+    if bool((~torch.isfinite(raw)).any() | (raw.amax() > limit)):
+        _check_finite("x", x)
+        exact = float(torch.linalg.vector_norm(x.to(torch.float64), dim=-1).max())
+        checks.check_norms_fit("x", exact, limit, spec.norm_dtype.value)
+
+
+def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
+    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` (one fused kernel)."""
+    checks.check_params(params)
+    spec = params.spec
+    x = _as_vectors("x", x, spec.dim)
+    lead = tuple(x.shape[:-1])
+    rows = x.reshape(-1, spec.dim)
+    if rows.shape[0] and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    codes, norms, raw, signs, res = _quantize_rows(rows, params)
+    _check_norms(x, raw, spec)
+    norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    fields = dict(
+        codes=codes.reshape(*lead, spec.code_bytes),
+        norms=norms.to(norm_dtype).reshape(lead),
+        spec=spec,
+        dtype=_dtype_name(x.dtype),
+    )
+    if spec.qjl:
+        fields["qjl_signs"] = signs.reshape(*lead, spec.sign_bytes)
+        fields["residual_norms"] = res.to(norm_dtype).reshape(lead)
+    return Compressed(**fields)
+
+
+# ---------------------------------------------------------------------------- dequantize
+
+
+def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
+    """Reconstruct ``(..., d)`` vectors in the code's dtype: ``s Rot^T c[k]`` (+ the QJL term)."""
+    checks.check_params(params)
+    checks.check_code("code", code, params)
+    device = _check_code_tensors("code", code, None)
+    out_dtype = _output_dtype(code)
+    spec = params.spec
+    tab = _tables(params, device, _compute(out_dtype))
+    lead = code.shape
+    n = math.prod(lead)
+    out = torch.empty((n, spec.dim), dtype=_store_dtype(out_dtype), device=device)
+    block_n = 16 if INTERPRETING or tab.block_d > 128 else 32
+    block_c = 16 if INTERPRETING else min(tab.block_d, max(16, 8192 // tab.block_d))
+    if n:
+        codes = code.codes.reshape(n, spec.code_bytes).contiguous()
+        norms = code.norms.reshape(n).contiguous()
+        signs = code.qjl_signs.reshape(n, spec.sign_bytes).contiguous() if spec.qjl else codes
+        res = code.residual_norms.reshape(n).contiguous() if spec.qjl else norms
+        dequantize_kernel[(triton.cdiv(n, block_n),)](
+            codes, spec.code_bytes, norms, n, spec.dim, out,
+            tab.inv, tab.centroids,
+            signs, spec.sign_bytes, res,
+            tab.smat if spec.qjl else tab.centroids, spec.qjl_dim, _SQRT_HALF_PI / spec.qjl_dim,
+            **_kernel_dtypes(_compute(out_dtype)), BITS=spec.mse_bits, DENSE=params.rotation is not None,
+            QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=_WARPS,
+        )  # fmt: skip
+    return out.to(out_dtype).reshape(*lead, spec.dim)
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def _flat(t: torch.Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
+    """Broadcast ``t`` to ``(*lead, *tail)`` and flatten the leading dims (a copy only if needed)."""
+    return t.expand(*lead, *tail).reshape(-1, *tail).contiguous()
+
+
+def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tensor:
+    """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``.
+
+    Each query is rotated once (``Rot(q) = q @ R^T``); the kernel unpacks key codes to centroid
+    levels in registers and computes ``s * Rot(q) . c[k]`` (+ ``rho sqrt(pi/2)/m <S q, z>`` with QJL).
+    """
+    checks.check_params(params)
+    checks.check_code("code", code, params)
+    spec = params.spec
+    q = _as_vectors("q", q, spec.dim)
+    checks.check_min_ndim("q", tuple(q.shape), 2, "(..., M, dim)")
+    checks.check_min_ndim("code", code.shape, 1, "(..., N)")
+    _check_code_tensors("code", code, q.device)
+    _check_finite("q", q)
+    try:
+        lead = tuple(torch.broadcast_shapes(q.shape[:-2], code.shape[:-1]))
+    except RuntimeError:
+        raise checks.broadcast_error("q", tuple(q.shape[:-2]), "code", code.shape[:-1]) from None
+    compute = _compute(q.dtype)
+    tab = _tables(params, q.device, compute)
+    big_m, big_n = q.shape[-2], code.shape[-1]
+    qf = q.to(compute)
+    q_rot = _flat(qf @ tab.rot_t, lead, (big_m, tab.block_d))
+    batch = q_rot.shape[0]
+    out = torch.empty((batch, big_m, big_n), dtype=_store_dtype(q.dtype), device=q.device)
+    codes = _flat(code.codes, lead, (big_n, spec.code_bytes))
+    norms = _flat(code.norms, lead, (big_n,))
+    if spec.qjl:
+        q_sk = _flat((qf @ tab.sketch_t) * (_SQRT_HALF_PI / spec.qjl_dim), lead, (big_m, tab.block_m))
+        signs = _flat(code.qjl_signs, lead, (big_n, spec.sign_bytes))
+        res = _flat(code.residual_norms, lead, (big_n,))
+    else:
+        q_sk, signs, res = q_rot, codes, norms
+    block_q = 16 if INTERPRETING else max(16, min(64, triton.next_power_of_2(big_m)))
+    block_n = 16 if INTERPRETING else 64
+    if out.numel():
+        grid = (batch * triton.cdiv(big_n, block_n), triton.cdiv(big_m, block_q))
+        scores_kernel[grid](
+            q_rot, q_sk, codes, norms, signs, res, tab.centroids, out,
+            big_m, big_n, spec.dim, spec.qjl_dim, spec.code_bytes, spec.sign_bytes,
+            **_kernel_dtypes(compute), BITS=spec.mse_bits, QJL=spec.qjl, BLOCK_Q=block_q, BLOCK_N=block_n,
+            BLOCK_D=tab.block_d, BLOCK_M=tab.block_m, num_warps=_WARPS,
+        )  # fmt: skip
+    return out.to(q.dtype).reshape(*lead, big_m, big_n)
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    if lengths is None:
+        return torch.full((batch,), kv_len, dtype=torch.int32, device=device)
+    t = torch.as_tensor(lengths)
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"lengths: expected integers, got dtype {t.dtype}")
+    checks.check_lengths_shape(tuple(t.shape), batch)
+    checks.check_lengths_range(int(t.min()), int(t.max()), kv_len)
+    return t.to(device=device, dtype=torch.int32)
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _split_plan(programs: int, kv_len: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, split_len)``: about four programs per SM, each split a whole number of key blocks."""
+    sms = _multiprocessors(device)
+    splits = max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(kv_len, 4 * block_n)))
+    split_len = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
+    return triton.cdiv(kv_len, split_len), split_len
+
+
+def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None) -> torch.Tensor:
+    """Decode attention over a compressed K/V cache (split-K, online softmax; see `rotorquant.kernels.attention`).
+
+    ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
+    reads KV head ``h // (Hq // Hkv)``; every query attends to the first ``lengths[b]`` keys:
+
+        out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
+
+    Returns ``(B, Hq, T, d_v)`` in the query's dtype.
+    """
+    return _attention(q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths, splits=None)
+
+
+def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, splits):
+    """`attention` with the number of key splits forced when ``splits`` is given (tests use it)."""
+    checks.check_params(k_params)
+    checks.check_params(v_params)
+    checks.check_code("k_code", k_code, k_params)
+    checks.check_code("v_code", v_code, v_params)
+    kspec, vspec = k_params.spec, v_params.spec
+    q = _as_vectors("q", q, kspec.dim)
+    group = checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
+    _check_code_tensors("k_code", k_code, q.device)
+    _check_code_tensors("v_code", v_code, q.device)
+    _check_finite("q", q)
+    batch, kv_heads, kv_len = k_code.shape
+    q_len = q.shape[2]
+    rows = group * q_len
+    bh = batch * kv_heads
+    lens = _lengths(lengths, batch, kv_len, q.device)
+    compute = _compute(q.dtype)
+    tk, tv = _tables(k_params, q.device, compute), _tables(v_params, q.device, compute)
+    factor = (1.0 / math.sqrt(kspec.dim) if scale is None else float(scale)) * _LOG2E
+    qf = q.to(compute).reshape(bh, rows, kspec.dim)
+    q_rot = (qf @ tk.rot_t * factor).contiguous()
+    q_sk = (qf @ tk.sketch_t * (factor * _SQRT_HALF_PI / kspec.qjl_dim)).contiguous() if kspec.qjl else q_rot
+    out = torch.empty((bh, rows, vspec.dim), dtype=_store_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out.to(q.dtype).reshape(batch, q.shape[1], q_len, vspec.dim)
+
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    block_q = 16 if INTERPRETING else max(16, min(64, triton.next_power_of_2(rows)))
+    # keys per step: wider operands, fewer keys, so shared memory stays well under 227 KiB
+    block_n = 16 if INTERPRETING or compute == torch.float64 else 64 if half else 32
+    row_blocks = triton.cdiv(rows, block_q)
+    if splits is None:
+        splits, split_len = _split_plan(bh * row_blocks, kv_len, block_n, q.device)
+    else:
+        split_len = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
+    new = functools.partial(torch.empty, device=q.device, dtype=compute)
+    mx, denom = new((bh, splits, rows)), new((bh, splits, rows))
+    acc = new((bh, splits, rows, tv.block_d))
+    accq = new((bh, splits, rows, tv.block_m)) if vspec.qjl else acc
+
+    def payload(code, spec):
+        n = bh * kv_len
+        codes = code.codes.reshape(n, spec.code_bytes).contiguous()
+        norms = code.norms.reshape(n).contiguous()
+        if not spec.qjl:
+            return codes, norms, codes, norms
+        signs = code.qjl_signs.reshape(n, spec.sign_bytes).contiguous()
+        return codes, norms, signs, code.residual_norms.reshape(n).contiguous()
+
+    kc, kn, ks, kr = payload(k_code, kspec)
+    vc, vn, vs, vr = payload(v_code, vspec)
+    attention_split_kernel[(bh, splits, row_blocks)](
+        q_rot, q_sk, kc, kn, ks, kr, tk.centroids, vc, vn, vs, vr, tv.centroids, lens,
+        mx, denom, acc, accq,
+        kv_heads=kv_heads, N=kv_len, R=rows, split_len=split_len, dk=kspec.dim, dv=vspec.dim,
+        mk=kspec.qjl_dim, mv=vspec.qjl_dim, k_code_bytes=kspec.code_bytes, v_code_bytes=vspec.code_bytes,
+        k_sign_bytes=kspec.sign_bytes, v_sign_bytes=vspec.sign_bytes, splits=splits,
+        K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl,
+        DOT_DTYPE=tl.float16 if half else _kernel_dtypes(compute)["CDT"], **_kernel_dtypes(compute),
+        BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
+        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, num_warps=_WARPS,
+    )  # fmt: skip
+    block_c = 16 if INTERPRETING else min(tv.block_d, max(16, 8192 // tv.block_d))
+    attention_combine_kernel[(bh, row_blocks)](
+        mx, denom, acc, accq, tv.rmat, tv.smat if vspec.qjl else tv.rmat, out,
+        R=rows, dv=vspec.dim, qjl_scale=_SQRT_HALF_PI / vspec.qjl_dim, splits=splits,
+        V_QJL=vspec.qjl, **_kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DV=tv.block_d, BLOCK_C=block_c,
+        BLOCK_MV=tv.block_m, num_warps=_WARPS,
+    )  # fmt: skip
+    return out.to(q.dtype).reshape(batch, q.shape[1], q_len, vspec.dim)
