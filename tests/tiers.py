@@ -3,8 +3,9 @@
 - ``numpy``: the reference (clifford), always present.
 - ``torch-cpu``: always present when torch imports; ``torch-cuda`` when ``torch.cuda.is_available()``.
 - ``triton``: picked up automatically when ``rotorquant.tiers.triton`` imports and either CUDA is
-  available (runs on ``cuda``) or ``TRITON_INTERPRET=1`` (runs under the interpreter on ``cpu``;
-  marked ``slow`` so suites give it a smaller subset of cases).
+  available (runs on ``cuda``) or ``TRITON_INTERPRET=1`` (runs under the interpreter on ``cpu``).
+  Marked ``slow`` either way, so suites give it a smaller subset of cases: under the interpreter
+  every case is slow, on a GPU every new kernel variant costs a compilation.
 
 Every adapter turns test data (float64 NumPy) into the tier's input in a given dtype, and the
 tier's outputs back into float64 NumPy, so one check compares any tier with the reference.
@@ -40,7 +41,7 @@ class Tier:
         module: the tier module (``quantize``, ``dequantize``, ``scores``, ``attention``).
         device: torch device string, or None for the NumPy tier.
         dtypes: input dtype names the tier accepts.
-        slow: True under the Triton interpreter: suites run a smaller subset of cases.
+        slow: True for Triton (interpreted or compiled per variant): suites run a smaller subset of cases.
     """
 
     name: str
@@ -100,7 +101,7 @@ def _triton_tier() -> Tier | None:
         module = importlib.import_module("rotorquant.tiers.triton")
     except ImportError:
         return None
-    return Tier("triton", module, "cuda" if cuda else "cpu", DTYPES, slow=not cuda)
+    return Tier("triton", module, "cuda" if cuda else "cpu", DTYPES, slow=True)
 
 
 def _discover() -> list[Tier]:
