@@ -115,6 +115,8 @@ def test_speed_section(capsys, tmp_path):
     path = tmp_path / "speed.json"
     code, out, _ = run(capsys, "bench", "--quick", "--sections", "speed", "--json", str(path))
     assert code == 0 and "## CPU speed" in out and "| quantize | torch rotor |" in out
-    rows = json.loads(path.read_text())["speed"]
-    assert {r["impl"] for r in rows} >= {"x.clone() (floor)", "torch rotor", "torch dense"}
-    assert all(r["ms"] > 0 and r["vs_clone"] > 0 for r in rows)
+    tables = json.loads(path.read_text())["speed"]
+    assert tables[0][0]["threads"] == 1 and "torch threads 1," in out
+    for rows in tables:
+        assert {r["impl"] for r in rows} >= {"x.clone() (floor)", "torch rotor", "torch dense"}
+        assert all(r["ms"] > 0 and r["vs_clone"] > 0 for r in rows)
