@@ -92,6 +92,7 @@ def isotropic_rows(config: BenchConfig, progress) -> list[dict]:
                 mse=float(np.mean(np.sum((x - x_hat) ** 2, axis=-1))),
                 lloyd_max_mse=ISO_DIM * params.distortion,
                 ip_bias=float(err.mean()),
+                ip_slope=float(np.sum(est * true) / np.sum(true * true)),
                 ip_rmse=float(np.sqrt(np.mean(err**2))),
                 ip_corr=float(np.corrcoef(est.ravel(), true.ravel())[0, 1]),
             )
@@ -112,14 +113,20 @@ def _unit(a: np.ndarray) -> np.ndarray:
 
 def isotropic_table(rows: list[dict]) -> str:
     lines = [
-        "| method | bits | MSE | Lloyd-Max d*D | IP bias | IP RMSE | IP corr. |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | bits | MSE | Lloyd-Max d*D | IP bias | IP slope | IP RMSE | IP corr. |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['bits']} | {r['mse']:.4f} | {r['lloyd_max_mse']:.4f} | {r['ip_bias']:+.5f} "
-            f"| {r['ip_rmse']:.5f} | {r['ip_corr']:.4f} |"
+            f"| {r['ip_slope']:.4f} | {r['ip_rmse']:.5f} | {r['ip_corr']:.4f} |"
         )
+    lines.append(
+        "\nIP: estimated minus true `<q, x>` over every (query, vector) pair. With independent random queries"
+        " the mean error (bias) is ~0 by symmetry even for a biased estimator; the slope"
+        " `sum(est * true) / sum(true^2)` shows the multiplicative bias (1 = unbiased; MSE-only at 1 bit"
+        " shrinks inner products by about 2/pi = 0.637)."
+    )
     return "\n".join(lines)
 
 
