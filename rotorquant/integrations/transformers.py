@@ -150,11 +150,13 @@ class RotorQuantCache(Cache):
 
     Args:
         config: the model's config (``model.config``); its text config gives the layer count and ``head_dim``.
-        key_bits, value_bits: bits per coordinate of keys and of values (1..8; 2..8 with QJL).
+        key_bits: bits per coordinate of keys (1..8; 2..8 with QJL).
+        value_bits: bits per coordinate of values (1..8; 2..8 with QJL).
         rotation: ``"rotor"`` (RotorQuant) or ``"dense"`` (TurboQuant), for keys and values.
         residual_length: the most recent tokens kept in full precision (0: every past token is compressed).
-        key_qjl, value_qjl: add the 1-bit QJL residual sketch (unbiased scores; measured worse for softmax
+        key_qjl: add the 1-bit QJL residual sketch to keys (unbiased scores; measured worse for softmax
             attention, see ``docs/benchmarks/fidelity.md``).
+        value_qjl: the same for values.
         norm_correction: store ``||x|| / ||c||`` so reconstructions keep their length; None (default) turns it
             on for every side without QJL (it measured better on every attention metric at 2, 3 and 4 bits).
         norm_dtype: ``"float32"`` or ``"float16"`` per-vector norms.
