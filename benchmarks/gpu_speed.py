@@ -2,26 +2,29 @@
 
 Run on a CUDA machine from the repository root:
 
-    PYTHONPATH=. python benchmarks/gpu_speed.py
+    PYTHONPATH=. python benchmarks/gpu_speed.py            # add --sweep to also time launch configurations
 
-Every time is the median of per-call CUDA-event timings (after warm-up), in microseconds, and
-every ratio divides two numbers measured in this same run. Quantize inputs are float16
-``(n, 128)`` vectors, 3 bits. Columns:
+Every ratio divides two numbers measured in this same run, in microseconds. Two kinds of time:
 
-- ``triton rotor kernel`` / ``triton dense kernel``: the fused quantize kernel alone
-  (`rotorquant.tiers.triton._quantize_rows`: launch, no input checks);
-- ``triton rotor API``: the public `quantize`, which adds one host synchronization to check
-  that every norm is finite and fits the norm dtype;
-- ``torch rotor`` / ``torch dense``: the torch tier's public `quantize` (dense = TurboQuant).
+- **GPU time** -- what the GPU spends, without Python's launch latency:
+  ``graph``: the call (kernel launches only, no checks) is captured ``CALLS`` times in a
+  ``torch.cuda.CUDAGraph``; the median over replays of (replay time between CUDA events) / ``CALLS``.
+  ``busy``: the sum of the durations of every GPU kernel one call runs, from ``torch.profiler``
+  (CUPTI), averaged over calls -- the only GPU time available for calls that synchronize the host
+  (the torch tier checks its input on the host), so it is measured for both tiers alike.
+- **API latency** -- the median wall time of one public call (``quantize``, ``attention``, SDPA)
+  between CUDA events on an otherwise idle GPU: Python, input checks, launches, host syncs.
 
-Attention: batch 8, 32 query heads, 8 KV heads, head_dim 128, one query token, K and V
-compressed with 3-bit rotors, against `torch.nn.functional.scaled_dot_product_attention` on
-float16 K/V. "MB read" counts the K/V payload each call must read.
+Quantize inputs are float16 ``(n, 128)`` vectors, 3 bits, the same tensor on every call (up to
+about 16K rows it stays in the GPU's L2 cache between calls, as freshly computed keys would).
+Attention: batch 8, 32 query heads, 8 KV heads, head_dim 128, one query token, K and V compressed
+with 3-bit rotors, against `torch.nn.functional.scaled_dot_product_attention` on float16 K/V.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
@@ -30,9 +33,69 @@ import rotorquant as rq
 from rotorquant.tiers import torch as torch_tier
 from rotorquant.tiers import triton as triton_tier
 
+CALLS = 20
 
-def cuda_us(fn, warmup: int = 10, reps: int = 50) -> float:
-    """Median microseconds of ``fn()`` over ``reps`` calls, each between two CUDA events."""
+
+def graph_us(fn, reps: int = 15) -> float:
+    """Median GPU microseconds per call of ``fn`` (launches only), replaying a CUDA graph of ``CALLS`` calls;
+    NaN (with the reason printed) if ``fn`` cannot be captured."""
+    try:
+        return _graph_us(fn, reps)
+    except Exception as err:
+        print(f"  (CUDA graph timing failed: {type(err).__name__}: {str(err)[:160]})")
+        torch.cuda.synchronize()
+        return math.nan
+
+
+def _graph_us(fn, reps: int) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, cached tables) outside the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    del graph
+    return statistics.median(times)
+
+
+def busy_us(fn, reps: int = 10) -> float:
+    """Mean summed duration (us) of the GPU kernels and copies one call of ``fn`` runs (torch.profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                fn()
+            torch.cuda.synchronize()
+        total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        if total <= 0:
+            raise RuntimeError("no GPU activity recorded")
+    except Exception as err:  # the profiler (CUPTI) is optional on a machine; say so, keep the table
+        print(f"  (torch.profiler unavailable: {type(err).__name__}: {err})")
+        return math.nan
+    return total / reps
+
+
+def api_us(fn, warmup: int = 5, reps: int = 30) -> float:
+    """Median microseconds of one call of ``fn`` between two CUDA events (includes Python and host syncs)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -47,25 +110,45 @@ def cuda_us(fn, warmup: int = 10, reps: int = 50) -> float:
     return statistics.median(times)
 
 
+def _ratio(a: float, b: float, digits: int = 1) -> str:
+    return f"{a / b:.{digits}f}x" if b > 0 and math.isfinite(a) and math.isfinite(b) else "n/a"
+
+
+def _row(cells) -> str:
+    return " | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells)
+
+
 def quantize_table(sizes: list[int], dim: int, bits: int) -> None:
     rotor = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor"))
     dense = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="dense"))
-    print(f"\nquantize, d={dim}, {bits} bits, float16 input (median us, CUDA events)")
-    head = ["n", "triton rotor kernel", "triton dense kernel", "triton rotor API", "torch rotor", "torch dense",
-            "torch dense / triton rotor", "torch rotor / triton rotor", "triton dense / triton rotor"]  # fmt: skip
-    print(" | ".join(head))
+    print(f"\n## quantize, d={dim}, {bits} bits, float16 input (microseconds)")
+    print("GPU time: triton = CUDA-graph replay of the fused kernel; busy = summed kernel time (profiler)")
+    print("API latency: one public quantize() call on an idle GPU (Python, checks, launch, host sync)")
+    print(_row(["n", "GPU triton rotor", "GPU triton dense", "busy triton rotor", "busy torch rotor",
+                "busy torch dense", "busy torch dense / triton rotor", "API triton rotor", "API torch rotor",
+                "API torch dense", "API torch dense / triton rotor"]))  # fmt: skip
     for n in sizes:
         x = torch.randn(n, dim, device="cuda", dtype=torch.float16)
-        t = {
-            "tr": cuda_us(lambda: triton_tier._quantize_rows(x, rotor)),
-            "td": cuda_us(lambda: triton_tier._quantize_rows(x, dense)),
-            "api": cuda_us(lambda: triton_tier.quantize(x, rotor)),
-            "qr": cuda_us(lambda: torch_tier.quantize(x, rotor), reps=20),
-            "qd": cuda_us(lambda: torch_tier.quantize(x, dense), reps=20),
-        }
-        row = [f"{n}", *(f"{t[k]:.1f}" for k in ("tr", "td", "api", "qr", "qd"))]
-        row += [f"{t['qd'] / t['tr']:.1f}x", f"{t['qr'] / t['tr']:.1f}x", f"{t['td'] / t['tr']:.1f}x"]
-        print(" | ".join(row))
+        g_r = graph_us(lambda: triton_tier._quantize_rows(x, rotor))
+        g_d = graph_us(lambda: triton_tier._quantize_rows(x, dense))
+        b_r = busy_us(lambda: triton_tier._quantize_rows(x, rotor))
+        b_tr = busy_us(lambda: torch_tier.quantize(x, rotor))
+        b_td = busy_us(lambda: torch_tier.quantize(x, dense))
+        a_r = api_us(lambda: triton_tier.quantize(x, rotor))
+        a_tr = api_us(lambda: torch_tier.quantize(x, rotor))
+        a_td = api_us(lambda: torch_tier.quantize(x, dense))
+        print(_row([n, g_r, g_d, b_r, b_tr, b_td, _ratio(b_td, b_r), a_r, a_tr, a_td, _ratio(a_td, a_r)]))
+
+
+def quantize_sweep(n: int, dim: int, bits: int) -> None:
+    """GPU time of the rotor quantize kernel for each (vectors per program, warps)."""
+    rotor = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor"))
+    x = torch.randn(n, dim, device="cuda", dtype=torch.float16)
+    print(f"\n## sweep: rotor quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
+    print("BLOCK_N | num_warps | GPU us")
+    for block_n, warps in ((16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
+        t = graph_us(lambda: triton_tier._quantize_rows(x, rotor, block_n=block_n, num_warps=warps), reps=7)
+        print(f"{block_n} | {warps} | {t:.1f}")  # nan: the configuration failed (reason printed above)
 
 
 def _sdpa(q, k, v):
@@ -80,33 +163,64 @@ def _sdpa(q, k, v):
         return lambda: f(q, k, v)
 
 
+def _cache(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, kp, vp):
+    k = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.float16)
+    v = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.float16)
+    q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.float16)
+    return q, k, v, triton_tier.quantize(k, kp), triton_tier.quantize(v, vp)
+
+
 def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int, dim: int, bits: int) -> None:
     kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0))
     vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
-    print(f"\ndecode attention, batch {batch}, {q_heads} q heads, {kv_heads} kv heads, head_dim {dim}, {bits}-bit K/V")
-    print(" | ".join(["context", "triton compressed (us)", "MB read", "SDPA fp16 (us)", "MB read", "SDPA / triton",
-                      "max |triton - SDPA(dequantized fp16)|"]))  # fmt: skip
+    print(f"\n## decode attention, batch {batch}, {q_heads} q heads, {kv_heads} kv heads, head_dim {dim}, {bits}-bit K/V")
+    print("GPU time: CUDA-graph replay (triton: its two kernels + query rotation; SDPA: the fp16 kernel)")
+    print(_row(["context", "GPU triton compressed", "GPU SDPA fp16", "SDPA / triton (GPU)", "API triton",
+                "API SDPA", "SDPA / triton (API)", "MB read triton", "MB read SDPA",
+                "max |triton - SDPA(dequantized fp16)|"]))  # fmt: skip
     for n in contexts:
-        k = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.float16)
-        v = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.float16)
-        q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.float16)
-        k_code, v_code = triton_tier.quantize(k, kp), triton_tier.quantize(v, vp)
-        ours = cuda_us(lambda: triton_tier.attention(q, k_code, v_code, kp, vp))
+        q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
+        lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+        ours = graph_us(lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens))
         sdpa = _sdpa(q, k, v)
-        base = cuda_us(sdpa)
-        # same math on the dequantized cache, as a correctness spot check of the timed kernel
+        base = graph_us(sdpa)
+        ours_api = api_us(lambda: triton_tier.attention(q, k_code, v_code, kp, vp))
+        base_api = api_us(sdpa)
+        # same math on the dequantized cache, as a correctness spot check of the timed kernels
         check = _sdpa(q, triton_tier.dequantize(k_code, kp), triton_tier.dequantize(v_code, vp))()
         err = (triton_tier.attention(q, k_code, v_code, kp, vp).float() - check.float()).abs().max().item()
         ours_mb = (k_code.nbytes + v_code.nbytes) / 1e6
         base_mb = (k.numel() + v.numel()) * 2 / 1e6
-        print(f"{n} | {ours:.1f} | {ours_mb:.1f} | {base:.1f} | {base_mb:.1f} | {base / ours:.2f}x | {err:.2e}")
-        del k, v, k_code, v_code
+        print(_row([n, ours, base, _ratio(base, ours, 2), ours_api, base_api, _ratio(base_api, ours_api, 2),
+                    ours_mb, base_mb, f"{err:.2e}"]))  # fmt: skip
+        del q, k, v, k_code, v_code
+
+
+def attention_sweep(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, bits: int) -> None:
+    """GPU time of compressed decode attention for each launch configuration of the split kernel."""
+    kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0))
+    vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
+    q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
+    del k, v
+    lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+    print(f"\n## sweep: attention launch configurations, context {n} (GPU us, graph)")
+    print("BLOCK_N | num_warps | num_stages | programs/SM | GPU us")
+    configs = [(64, 8, 2, 4), (32, 4, 2, 4), (32, 4, 2, 8), (16, 4, 2, 8), (32, 8, 2, 4), (64, 8, 1, 4),
+               (64, 8, 3, 4), (64, 8, 2, 8), (128, 8, 2, 4)]  # fmt: skip
+    for block_n, warps, stages, per_sm in configs:
+        launch = triton_tier._AttentionLaunch(block_n=block_n, num_warps=warps, num_stages=stages, programs_per_sm=per_sm)
+        t = graph_us(
+            lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens, launch=launch),
+            reps=7,
+        )
+        print(f"{block_n} | {warps} | {stages} | {per_sm} | {t:.1f}")  # nan: failed (reason printed above)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--sweep", action="store_true", help="also time launch configurations (BLOCK_N, warps, ...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_speed.py needs a CUDA GPU")
@@ -116,6 +230,9 @@ def main() -> None:
     print(f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}")
     quantize_table(args.sizes, dim=128, bits=3)
     attention_table(args.contexts, batch=8, q_heads=32, kv_heads=8, dim=128, bits=3)
+    if args.sweep:
+        quantize_sweep(16384, dim=128, bits=3)
+        attention_sweep(max(args.contexts), batch=8, q_heads=32, kv_heads=8, dim=128, bits=3)
 
 
 if __name__ == "__main__":

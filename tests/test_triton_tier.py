@@ -69,6 +69,11 @@ def _assert_codes_match(x, code, want, params):
 # ---------------------------------------------------------------------------- import and device errors
 
 
+def _pythonpath() -> str:
+    """The repository first, then this process's own PYTHONPATH (where e.g. clifford may live)."""
+    return os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
@@ -92,7 +97,7 @@ def test_import_without_triton_gives_install_hint():
         else:
             raise SystemExit("imported without triton")
     """
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     done = _run(code, env)
     assert done.returncode == 0, done.stderr
     assert "pip install 'rotorquant[triton]'" in done.stdout
@@ -109,7 +114,7 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error():
             print("MESSAGE:", err)
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = _pythonpath()
     done = _run(code, env)
     assert done.returncode == 0, done.stderr
     assert "x: expected a tensor on a CUDA device" in done.stdout
@@ -406,7 +411,7 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     and fits the 227 KiB of shared memory of an H100. Catches what the interpreter cannot:
     constexpr misuse, tl.dot shapes and dtypes, pointer types, int64 shifts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
+    env["PYTHONPATH"] = _pythonpath()
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

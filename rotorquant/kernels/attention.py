@@ -60,12 +60,12 @@ def attention_split_kernel(
     N,  # cache length (keys per head)
     R,  # query rows per KV head: group * q_len
     split_len,  # keys per split (a multiple of BLOCK_N)
-    dk,  # key dimension
-    dv,  # value dimension
+    dk: tl.constexpr,  # key dimension
+    dv: tl.constexpr,  # value dimension
     mk,  # K QJL projections
     mv,  # V QJL projections
-    k_code_bytes,  # ceil(dk * K_BITS / 8)
-    v_code_bytes,  # ceil(dv * V_BITS / 8)
+    k_code_bytes: tl.constexpr,  # ceil(dk * K_BITS / 8)
+    v_code_bytes: tl.constexpr,  # ceil(dv * V_BITS / 8)
     k_sign_bytes,  # ceil(mk / 8)
     v_sign_bytes,  # ceil(mv / 8)
     K_BITS: tl.constexpr,  # key bits per code
@@ -159,11 +159,10 @@ def attention_combine_kernel(
     acc_ptr,  # (BH, SPLITS, R, BLOCK_DV) CDT rotated-domain value sums
     accq_ptr,  # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT sums of p rho z
     rot_ptr,  # (BLOCK_DV, BLOCK_DV) CDT V's rotation matrix R_V zero-padded (x = y @ R_V)
-    smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT S_V zero-padded
+    smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT sqrt(pi/2) / mv * S_V zero-padded (scaled on the host)
     out_ptr,  # (BH, R, dv) output in the query dtype (float32 for bfloat16 queries)
     R,  # query rows per KV head
-    dv,  # value dimension
-    qjl_scale,  # V QJL: sqrt(pi/2) / mv
+    dv: tl.constexpr,  # value dimension
     V_QJL: tl.constexpr,  # values carry a QJL sketch
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
@@ -194,7 +193,7 @@ def attention_combine_kernel(
             yq += w[:, None] * accq
     denom = tl.where(row_ok, denom, 1.0)
     y = y / denom[:, None]
-    yq = yq * (qjl_scale / denom)[:, None]
+    yq = yq / denom[:, None]
     for c0 in tl.static_range(0, BLOCK_DV, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         x = tl.dot(y, tl.load(rot_ptr + cols[:, None] * BLOCK_DV + cc[None, :]), input_precision=DOT_PRECISION)

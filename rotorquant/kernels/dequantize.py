@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .bitpack import gather_codes
-from .scores import load_levels, load_signs
+from .scores import centroid_levels, load_levels, load_signs
 
 
 @triton.jit
@@ -28,9 +28,8 @@ def dequantize_kernel(
     signs_ptr,  # QJL: (n, sign_bytes) uint8 packed signs
     sign_bytes,  # QJL: ceil(m / 8)
     res_norms_ptr,  # QJL: (n,) residual norms (float32 or float16)
-    smat_ptr,  # QJL: (BLOCK_M, BLOCK_D) CDT S zero-padded
+    smat_ptr,  # QJL: (BLOCK_M, BLOCK_D) CDT sqrt(pi/2) / m * S zero-padded (scaled on the host, in float64)
     m,  # QJL: number of projections
-    qjl_scale,  # QJL: sqrt(pi/2) / m
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
     BITS: tl.constexpr,  # bits per code (spec.mse_bits)
@@ -52,7 +51,7 @@ def dequantize_kernel(
     if QJL:
         mcols = tl.arange(0, BLOCK_M)
         z = load_signs(signs_ptr + rows64 * sign_bytes, row_ok, sign_bytes, m, BLOCK_N, BLOCK_M, CDT)
-        rho = tl.load(res_norms_ptr + rows, mask=row_ok, other=0.0).to(CDT) * qjl_scale
+        rho = tl.load(res_norms_ptr + rows, mask=row_ok, other=0.0).to(CDT)
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         if DENSE:
@@ -62,7 +61,7 @@ def dequantize_kernel(
             for i in tl.static_range(3):
                 src = tl.broadcast_to((3 * (cc // 3) + i)[None, :], (BLOCK_N, BLOCK_C))
                 k = gather_codes(code_rows, src, row_ok[:, None] & (src < d), code_bytes, BITS)
-                x += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * tl.load(cent_ptr + k)
+                x += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * centroid_levels(k, cent_ptr, BITS)
         x = x * s[:, None]
         if QJL:
             smat = tl.load(smat_ptr + mcols[:, None] * BLOCK_D + cc[None, :])

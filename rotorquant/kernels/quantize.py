@@ -4,9 +4,12 @@ One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for f
 
     big = max_j |x_j|,  root = ||x / big||,  s = big * root         (no overflow in the squares)
     u = (x / big) / root                                             (u = 0 for a zero vector)
+    (divisions are multiplications by per-row reciprocals; a row whose max is below 2**-64 is first
+    scaled by 2**64, exactly, so 1 / big stays finite for subnormals. float16 inputs skip ``big``:
+    s = ||x||, u = x / s, since their squares can neither overflow nor underflow float32)
     y = Rot(u)            rotor:  y_c = sum_i W[i, c] * u[3*(c//3) + i]    (3x3 blocks, O(d))
                           dense:  y = u @ R^T                              (tl.dot, O(d^2))
-    k_c = #{i : y_c >= boundaries[i]}                                (binary search, BITS steps)
+    k_c = #{i : y_c >= boundaries[i]}                                (compares; binary search > 4 bits)
     stored norm = s, or s / ||c[k]|| with norm correction
     QJL:  S r = s * (S Rot^T) (y - c[k]),  ||r|| = s * ||y - c[k]||   (the rotation is orthogonal)
 
@@ -18,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .bitpack import store_codes
+from .scores import centroid_levels
 
 
 @triton.jit
@@ -26,11 +30,16 @@ def nearest_code(
     bnd_ptr,  # pointer to the 2**BITS - 1 ascending CDT boundaries
     BITS: tl.constexpr,  # bits per code
 ):
-    """``#{i : y >= boundaries[i]}`` by binary search (equal to counting: the boundaries ascend)."""
+    """``#{i : y >= boundaries[i]}``: counted against every boundary (held in registers) up to 4 bits;
+    by binary search beyond (equal, since the boundaries ascend; BITS dependent table reads)."""
     code = tl.zeros(y.shape, dtype=tl.int32)
-    for t in tl.static_range(BITS):
-        cand = code + (1 << (BITS - 1 - t))  # in 1 .. 2**BITS - 1: always a valid boundary index + 1
-        code = tl.where(y >= tl.load(bnd_ptr + cand - 1), cand, code)
+    if BITS <= 4:
+        for i in tl.static_range((1 << BITS) - 1):
+            code += (y >= tl.load(bnd_ptr + i)).to(tl.int32)
+    else:
+        for t in tl.static_range(BITS):
+            cand = code + (1 << (BITS - 1 - t))  # in 1 .. 2**BITS - 1: always a valid boundary index + 1
+            code = tl.where(y >= tl.load(bnd_ptr + cand - 1), cand, code)
     return code
 
 
@@ -50,9 +59,9 @@ def quantize_kernel(
     x_ptr,  # (n, d) input vectors, any float dtype, rows stride_x apart
     stride_x,  # elements between consecutive rows of x
     n,  # number of vectors
-    d,  # vector dimension
+    d: tl.constexpr,  # vector dimension
     codes_ptr,  # (n, code_bytes) uint8 output: packed codes
-    code_bytes,  # ceil(d * BITS / 8)
+    code_bytes: tl.constexpr,  # ceil(d * BITS / 8)
     norms_ptr,  # (n,) CDT output: the stored norm (s, or s / ||c[k]|| with NORM_CORRECTION)
     raw_norms_ptr,  # (n,) CDT output: s = ||x|| (written only with NORM_CORRECTION)
     rot_ptr,  # DENSE: (BLOCK_D, BLOCK_D) CDT R^T zero-padded; rotor: (3, BLOCK_D) weights W
@@ -69,6 +78,7 @@ def quantize_kernel(
     DENSE: tl.constexpr,  # True: dense rotation; False: rotor blocks
     QJL: tl.constexpr,  # True: also write the QJL sketch of the residual
     NORM_CORRECTION: tl.constexpr,  # True: store s / ||c[k]||
+    SQUARES_FIT: tl.constexpr,  # True for float16 x: sum(x^2) fits the compute dtype, no max-scaling needed
     BLOCK_N: tl.constexpr,  # vectors per program
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
@@ -81,14 +91,21 @@ def quantize_kernel(
     x_rows = x_ptr + rows64 * stride_x
     x = tl.load(x_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < d), other=0.0)
     x = x.to(CDT)
-    big = tl.max(tl.abs(x), axis=1)
-    big = tl.where(big > 0, big, 1.0)
-    xs = x / big[:, None]
-    root = exact_sqrt(tl.sum(xs * xs, axis=1))
-    s = big * root  # NaN or Inf exactly when x holds NaN/Inf or ||x|| overflows float32
-    root = tl.where(root > 0, root, 1.0)
+    if SQUARES_FIT:  # float16 x: sum(x^2) <= d * 65504^2 cannot overflow, nor x^2 >= 2^-48 underflow, in float32
+        s = exact_sqrt(tl.sum(x * x, axis=1))
+        pre = tl.full((BLOCK_N,), 1.0, dtype=CDT)
+        scale = 1.0 / tl.where(s > 0, s, 1.0)  # u = x * scale
+    else:
+        big = tl.max(tl.abs(x), axis=1)
+        big = tl.where(big > 0, big, 1.0)
+        pre = tl.where(big < 5.421010862427522e-20, 18446744073709551616.0, 1.0)  # 2**-64, 2**64: exact scaling
+        inv_big = 1.0 / (big * pre)
+        xs = (x * pre[:, None]) * inv_big[:, None]  # x / big, with |xs| <= 1
+        root = exact_sqrt(tl.sum(xs * xs, axis=1))
+        s = big * root  # NaN or Inf exactly when x holds NaN/Inf or ||x|| overflows float32
+        scale = inv_big / tl.where(root > 0, root, 1.0)  # finite: inv_big <= 2**85 (2**1010 in float64), root >= 1
     if DENSE:
-        u = xs / root[:, None]
+        u = (x * pre[:, None]) * scale[:, None]
 
     code_rows = codes_ptr + rows64 * code_bytes
     mcols = tl.arange(0, BLOCK_M)
@@ -105,13 +122,16 @@ def quantize_kernel(
             for i in tl.static_range(3):
                 src = 3 * (cc // 3) + i
                 xi = tl.load(x_rows[:, None] + src[None, :], mask=row_ok[:, None] & (src[None, :] < d), other=0.0)
-                y += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * (xi.to(CDT) / big[:, None])
-            y = y / root[:, None]
+                if SQUARES_FIT:
+                    xi = xi.to(CDT) * scale[:, None]
+                else:
+                    xi = (xi.to(CDT) * pre[:, None]) * scale[:, None]
+                y += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * xi
         valid = (cc < d)[None, :]
         code = tl.where(valid, nearest_code(y, bnd_ptr, BITS), 0)
         store_codes(code_rows, row_ok, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C)
         if QJL or NORM_CORRECTION:
-            level = tl.where(valid, tl.load(cent_ptr + code), 0.0)
+            level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
             if NORM_CORRECTION:
                 cent_sq += tl.sum(level * level, axis=1)
             if QJL:

@@ -12,7 +12,36 @@ unpacked to centroid levels in registers and multiplied with the query tile by `
 import triton
 import triton.language as tl
 
-from .bitpack import group_coordinates, load_code_groups
+from .bitpack import gather_codes
+
+
+@triton.jit
+def centroid_levels(
+    code,  # int32 codes in [0, 2**BITS)
+    cent_ptr,  # (2**BITS,) CDT centroids
+    BITS: tl.constexpr,  # bits per code
+):
+    """``c[code]``: up to 4 bits a chain of selects among the 2**BITS centroids held in registers
+    (no per-code memory access); wider codes gather from the table."""
+    if BITS <= 4:
+        level = tl.zeros(code.shape, dtype=cent_ptr.dtype.element_ty) + tl.load(cent_ptr)
+        for t in tl.static_range(1, 1 << BITS):
+            level = tl.where(code == t, tl.load(cent_ptr + t), level)
+        return level
+    else:
+        return tl.load(cent_ptr + code)
+
+
+@triton.jit
+def mma_operand(
+    t,  # (ROWS, COLS) tile computed from packed uint8 codes, about to enter a tl.dot
+):
+    """``t`` unchanged. For float64 a reduction over a unit axis (a no-op) hides the uint8 loads behind ``t``:
+    Triton sizes an MMA operand by the narrowest load it was computed from, which its float64 MMA rejects."""
+    if t.dtype == tl.float64:
+        return tl.sum(t[:, :, None], axis=2)
+    else:
+        return t
 
 
 @triton.jit
@@ -28,9 +57,9 @@ def load_levels(
     DTYPE: tl.constexpr,  # dtype of the result (float32, or float16 for tensor-core dots)
 ):
     """``(ROWS, WIDTH)`` centroid levels ``c[k]`` of packed rows, 0 past ``count``."""
-    code = load_code_groups(row_ptr, row_mask, n_bytes, BITS, WIDTH)
-    level = tl.where(group_coordinates(WIDTH) < count, tl.load(cent_ptr + code), 0.0)
-    return tl.reshape(level.to(DTYPE), (ROWS, WIDTH))
+    j = tl.arange(0, WIDTH)[None, :]
+    code = gather_codes(row_ptr, j, row_mask[:, None] & (j < count), n_bytes, BITS)
+    return mma_operand(tl.where(j < count, centroid_levels(code, cent_ptr, BITS), 0.0).to(DTYPE))
 
 
 @triton.jit
@@ -44,9 +73,9 @@ def load_signs(
     DTYPE: tl.constexpr,  # dtype of the result (float32, or float16 for tensor-core dots)
 ):
     """``(ROWS, WIDTH)`` signs ``z in {-1, +1}``, 0 past ``m``."""
-    bit = load_code_groups(row_ptr, row_mask, n_bytes, 1, WIDTH)
-    z = tl.where(group_coordinates(WIDTH) < m, 2.0 * bit.to(DTYPE) - 1.0, 0.0)
-    return tl.reshape(z.to(DTYPE), (ROWS, WIDTH))
+    j = tl.arange(0, WIDTH)[None, :]
+    bit = gather_codes(row_ptr, j, row_mask[:, None] & (j < m), n_bytes, 1)
+    return mma_operand(tl.where(j < m, 2.0 * bit.to(DTYPE) - 1.0, 0.0).to(DTYPE))
 
 
 @triton.jit

@@ -72,7 +72,8 @@ class _Tables:
     ``(block_d, block_d)``, or rotor weights ``(3, block_d)`` with ``fwd[i, c] = blocks[c//3, c%3, i]``
     and ``inv[i, c] = blocks[c//3, i, c%3]``. ``rmat``: the whole rotation ``R`` padded
     (``x = y @ R``); ``rot_t``: ``(d, block_d)`` ``R^T`` (``Rot(q) = q @ rot_t``). QJL:
-    ``proj`` = ``(S R^T)^T`` ``(block_d, block_m)``, ``smat`` = ``S`` ``(block_m, block_d)``,
+    ``proj`` = ``(S R^T)^T`` ``(block_d, block_m)``, ``smat`` = ``sqrt(pi/2)/m S`` ``(block_m, block_d)`` (the QJL
+    scale folded in, in float64: a Python float kernel argument would reach the GPU as float32),
     ``sketch_t`` = ``S^T`` ``(d, block_m)``.
     """
 
@@ -140,7 +141,7 @@ def _tables(params: QuantParams, device: torch.device, dtype: torch.dtype) -> _T
     if spec.qjl:
         s = torch.tensor(params.qjl_matrix, dtype=torch.float64)
         proj = _padded(rot @ s.T, (bd, bm), device, dtype)
-        smat = _padded(s, (bm, bd), device, dtype)
+        smat = _padded(s * (_SQRT_HALF_PI / spec.qjl_dim), (bm, bd), device, dtype)
         sketch_t = _padded(s.T, (d, bm), device, dtype)
     return _Tables(
         block_d=bd,
@@ -221,20 +222,27 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------- quantize
 
 
-def _quantize_block_sizes(spec: QuantizerSpec, block_d: int, block_m: int) -> tuple[int, int]:
-    """``(BLOCK_N, BLOCK_C)``: float32 ``tl.dot`` operands of a chunk stay <= 32 KiB."""
+def _quantize_launch(spec: QuantizerSpec, block_d: int, block_m: int) -> tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_C, num_warps)``: float32 ``tl.dot`` operands of a chunk stay <= 32 KiB. The rotor
+    path without QJL (no tl.dot) runs 16 vectors on 2 warps at d <= 128: fastest in the launch sweep of
+    `benchmarks/gpu_speed.py` on an H200 (23 us vs 49 us for 32 vectors on 8 warps at n = 16384)."""
     if INTERPRETING:
-        return 16, 16
+        return 16, 16, _WARPS
+    if spec.rotation.value == "rotor" and not spec.qjl and block_d <= 128:
+        return 16, block_d, 2
     block_n = 32 if block_d <= 128 else 16
     chunk = block_d if spec.rotation.value == "rotor" else max(16, 8192 // block_d)
     if spec.qjl:
         chunk = min(chunk, max(16, 8192 // block_m))
-    return block_n, min(chunk, block_d)
+    return block_n, min(chunk, block_d), _WARPS
 
 
-def _quantize_rows(rows: torch.Tensor, params: QuantParams) -> tuple[torch.Tensor, ...]:
+def _quantize_rows(
+    rows: torch.Tensor, params: QuantParams, *, block_n: int | None = None, num_warps: int | None = None
+) -> tuple[torch.Tensor, ...]:
     """Launch `quantize_kernel` on ``rows (n, d)`` (unit stride): float32
-    ``(codes, norms, raw_norms, signs, residual_norms)``; no checks, no synchronization."""
+    ``(codes, norms, raw_norms, signs, residual_norms)``; no checks, no synchronization.
+    ``block_n`` (vectors per program) and ``num_warps`` override the launch configuration (benchmarks)."""
     spec = params.spec
     compute = _compute(rows.dtype)
     tab = _tables(params, rows.device, compute)
@@ -245,7 +253,8 @@ def _quantize_rows(rows: torch.Tensor, params: QuantParams) -> tuple[torch.Tenso
     raw = new((n,), dtype=compute) if spec.norm_correction else norms
     signs = new((n, spec.sign_bytes), dtype=torch.uint8) if spec.qjl else None
     res = new((n,), dtype=compute) if spec.qjl else None
-    block_n, block_c = _quantize_block_sizes(spec, tab.block_d, tab.block_m)
+    default_n, block_c, default_warps = _quantize_launch(spec, tab.block_d, tab.block_m)
+    block_n, num_warps = block_n or default_n, num_warps or default_warps
     if n:
         quantize_kernel[(triton.cdiv(n, block_n),)](
             rows, rows.stride(0), n, spec.dim,
@@ -255,8 +264,9 @@ def _quantize_rows(rows: torch.Tensor, params: QuantParams) -> tuple[torch.Tenso
             signs if spec.qjl else codes, spec.sign_bytes,
             res if spec.qjl else norms, spec.qjl_dim,
             **_kernel_dtypes(compute), BITS=spec.mse_bits, DENSE=params.rotation is not None, QJL=spec.qjl,
-            NORM_CORRECTION=spec.norm_correction, BLOCK_N=block_n, BLOCK_D=tab.block_d,
-            BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=_WARPS,
+            NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
+            BLOCK_N=block_n, BLOCK_D=tab.block_d,
+            BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=num_warps,
         )  # fmt: skip
     return codes, norms, raw, signs, res
 
@@ -321,7 +331,7 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
             codes, spec.code_bytes, norms, n, spec.dim, out,
             tab.inv, tab.centroids,
             signs, spec.sign_bytes, res,
-            tab.smat if spec.qjl else tab.centroids, spec.qjl_dim, _SQRT_HALF_PI / spec.qjl_dim,
+            tab.smat if spec.qjl else tab.centroids, spec.qjl_dim,
             **_kernel_dtypes(_compute(out_dtype)), BITS=spec.mse_bits, DENSE=params.rotation is not None,
             QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=_WARPS,
         )  # fmt: skip
@@ -401,10 +411,28 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _split_plan(programs: int, kv_len: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, split_len)``: about four programs per SM, each split a whole number of key blocks."""
+@dataclass(frozen=True)
+class _AttentionLaunch:
+    """Launch configuration of `attention_split_kernel` on a GPU (the interpreter uses 16-key blocks).
+
+    ``block_n`` keys per step for half-precision queries at head dims <= 128 (half of it for float32
+    queries, whose operands are twice as wide, and per doubling of the head dim), ``num_warps``,
+    ``num_stages`` (software pipelining of the key loop), and ``programs_per_sm``: the split plan aims
+    at about this many programs per multiprocessor. The defaults were the fastest of the launch sweep
+    of `benchmarks/gpu_speed.py` at context 32K on an H200 (1725 us vs 2201 us for 64 keys).
+    """
+
+    block_n: int = 128
+    num_warps: int = _WARPS
+    num_stages: int = 2
+    programs_per_sm: int = 4
+
+
+def _split_plan(programs: int, kv_len: int, block_n: int, device: torch.device, per_sm: int) -> tuple[int, int]:
+    """``(splits, split_len)``: about ``per_sm`` programs per SM, each split a whole number of key blocks
+    (at least four unless the cache is shorter)."""
     sms = _multiprocessors(device)
-    splits = max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(kv_len, 4 * block_n)))
+    splits = max(1, min(triton.cdiv(per_sm * sms, programs), triton.cdiv(kv_len, 4 * block_n)))
     split_len = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     return triton.cdiv(kv_len, split_len), split_len
 
@@ -428,17 +456,23 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, splits)
     checks.check_params(v_params)
     checks.check_code("k_code", k_code, k_params)
     checks.check_code("v_code", v_code, v_params)
-    kspec, vspec = k_params.spec, v_params.spec
-    q = _as_vectors("q", q, kspec.dim)
-    group = checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
+    q = _as_vectors("q", q, k_params.spec.dim)
+    checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
     _check_code_tensors("k_code", k_code, q.device)
     _check_code_tensors("v_code", v_code, q.device)
     _check_finite("q", q)
+    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device)
+    return _attention_launch(q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, splits=splits)
+
+
+def _attention_launch(q, k_code, v_code, k_params, v_params, *, scale, lens, splits=None, launch=_AttentionLaunch()):
+    """The two kernel launches of `attention` on checked inputs (``lens``: int32 lengths on the device);
+    no synchronization, so CUDA graphs can capture it. ``launch`` overrides the configuration (benchmarks)."""
+    kspec, vspec = k_params.spec, v_params.spec
     batch, kv_heads, kv_len = k_code.shape
     q_len = q.shape[2]
-    rows = group * q_len
+    rows = (q.shape[1] // kv_heads) * q_len
     bh = batch * kv_heads
-    lens = _lengths(lengths, batch, kv_len, q.device)
     compute = _compute(q.dtype)
     tk, tv = _tables(k_params, q.device, compute), _tables(v_params, q.device, compute)
     factor = (1.0 / math.sqrt(kspec.dim) if scale is None else float(scale)) * _LOG2E
@@ -452,10 +486,13 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, splits)
     half = q.dtype in (torch.float16, torch.bfloat16)
     block_q = 16 if INTERPRETING else max(16, min(64, triton.next_power_of_2(rows)))
     # keys per step: wider operands, fewer keys, so shared memory stays well under 227 KiB
-    block_n = 16 if INTERPRETING or compute == torch.float64 else 64 if half else 32
+    block_n = launch.block_n * 128 // max(128, tk.block_d, tv.block_d) // (1 if half else 2)
+    if max(kspec.mse_bits, vspec.mse_bits) > 4:  # levels gathered from the table, staged in shared memory
+        block_n //= 2
+    block_n = 16 if INTERPRETING or compute == torch.float64 else max(16, block_n)
     row_blocks = triton.cdiv(rows, block_q)
     if splits is None:
-        splits, split_len = _split_plan(bh * row_blocks, kv_len, block_n, q.device)
+        splits, split_len = _split_plan(bh * row_blocks, kv_len, block_n, q.device, launch.programs_per_sm)
     else:
         split_len = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     new = functools.partial(torch.empty, device=q.device, dtype=compute)
@@ -474,6 +511,7 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, splits)
 
     kc, kn, ks, kr = payload(k_code, kspec)
     vc, vn, vs, vr = payload(v_code, vspec)
+    stages = {} if INTERPRETING else {"num_stages": launch.num_stages}
     attention_split_kernel[(bh, splits, row_blocks)](
         q_rot, q_sk, kc, kn, ks, kr, tk.centroids, vc, vn, vs, vr, tv.centroids, lens,
         mx, denom, acc, accq,
@@ -483,12 +521,12 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, splits)
         K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl,
         DOT_DTYPE=tl.float16 if half else _kernel_dtypes(compute)["CDT"], **_kernel_dtypes(compute),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
-        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, num_warps=_WARPS,
+        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, num_warps=launch.num_warps, **stages,
     )  # fmt: skip
     block_c = 16 if INTERPRETING else min(tv.block_d, max(16, 8192 // tv.block_d))
     attention_combine_kernel[(bh, row_blocks)](
         mx, denom, acc, accq, tv.rmat, tv.smat if vspec.qjl else tv.rmat, out,
-        R=rows, dv=vspec.dim, qjl_scale=_SQRT_HALF_PI / vspec.qjl_dim, splits=splits,
+        R=rows, dv=vspec.dim, splits=splits,
         V_QJL=vspec.qjl, **_kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DV=tv.block_d, BLOCK_C=block_c,
         BLOCK_MV=tv.block_m, num_warps=_WARPS,
     )  # fmt: skip
