@@ -31,10 +31,8 @@ import torch
 from .. import checks
 from ..compressed import Compressed
 from ..params import QuantParams
-from ..spec import NormDtype
+from ..torch_checks import NORM_DTYPES, check_vectors, compute_dtype, dtype_name, output_dtype
 
-_NORM_DTYPES = {NormDtype.FLOAT32: torch.float32, NormDtype.FLOAT16: torch.float16}
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")  # the payload of a `Compressed`
 # Elements of one chunk of rows: small enough to stay in a CPU's L2/L3 cache, large enough
 # that a GPU launches few kernels.
@@ -180,21 +178,7 @@ def device_params(params: QuantParams, device: torch.device, dtype: torch.dtype)
 # ---------------------------------------------------------------- input checks
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_vectors(name: str, x: object, dim: int) -> torch.Tensor:
-    """``x`` must be a real floating tensor ``(..., dim)``; finiteness is checked by the caller."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    checks.check_floating(name, _dtype_name(x.dtype), x.dtype in _FLOATING)
-    checks.check_last_dim(name, tuple(x.shape), dim)
-    return x
 
 
 def _check_torch_code(name: str, code: object, params: QuantParams) -> None:
@@ -212,19 +196,13 @@ def _check_torch_code(name: str, code: object, params: QuantParams) -> None:
                 f"{name}.{field}: expected device {code.codes.device} (as {name}.codes), got {value.device}"
             )
     if code.codes.dtype != torch.uint8:
-        raise TypeError(f"{name}.codes: expected dtype uint8, got {_dtype_name(code.codes.dtype)}")
+        raise TypeError(f"{name}.codes: expected dtype uint8, got {dtype_name(code.codes.dtype)}")
 
 
 def _check_same_device(name: str, code: Compressed, other: str, device: torch.device) -> None:
     if code.codes.device != device:
         raise ValueError(f"{name}: expected tensors on {other}'s device {device}, got {name} on {code.codes.device}")
 
-
-def _output_dtype(code: Compressed) -> torch.dtype:
-    dtype = getattr(torch, code.dtype, None)
-    if dtype not in _FLOATING:
-        raise ValueError(f"code.dtype: expected one of {[_dtype_name(t) for t in _FLOATING]}, got {code.dtype!r}")
-    return dtype
 
 
 # ---------------------------------------------------------------- rotation
@@ -234,8 +212,8 @@ def rotate(u: torch.Tensor, params: QuantParams, inverse: bool = False) -> torch
     """``(..., d)`` -> ``(..., d)``: the spec's rotation (``inverse=True``: its transpose), in ``u``'s dtype
     (computed in float32, or float64 for float64 input)."""
     checks.check_params(params)
-    u = _check_vectors("u", u, params.spec.dim)
-    dp = device_params(params, u.device, _compute_dtype(u.dtype))
+    u = check_vectors("u", u, params.spec.dim)
+    dp = device_params(params, u.device, compute_dtype(u.dtype))
     flat = u.reshape(-1, params.spec.dim).to(dp.centroids.dtype)
     return (dp.inverse if inverse else dp.forward)(flat).to(u.dtype).reshape(u.shape)
 
@@ -364,8 +342,8 @@ def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
     """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` on ``x``'s device."""
     checks.check_params(params)
     spec = params.spec
-    x = _check_vectors("x", x, spec.dim)
-    compute = _compute_dtype(x.dtype)
+    x = check_vectors("x", x, spec.dim)
+    compute = compute_dtype(x.dtype)
     dp = device_params(params, x.device, compute)
     lead = tuple(x.shape[:-1])
     flat = x.reshape(-1, spec.dim)
@@ -375,7 +353,7 @@ def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
     s = _norms(flat, compute)
     if not bool(torch.isfinite(s).all()):
         checks.check_finite("x", bool(torch.isfinite(flat).all()))
-    norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    norm_dtype = NORM_DTYPES[spec.norm_dtype]
     max_norm = float(s.max()) if n else 0.0
     checks.check_norms_fit("x", max_norm, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value)
 
@@ -392,7 +370,7 @@ def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
         rows = slice(start, start + step)
         _quantize_rows(flat[rows], s[rows], dp, params, {k: v[rows] for k, v in out.items()})
     fields = {k: v.reshape((*lead, *v.shape[1:])) for k, v in out.items()}
-    return Compressed(spec=spec, dtype=_dtype_name(x.dtype), **fields)
+    return Compressed(spec=spec, dtype=dtype_name(x.dtype), **fields)
 
 
 # ---------------------------------------------------------------- dequantize, scores, attention
@@ -455,8 +433,8 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
     ``x_mse = s Rot^T c[k]`` (+ ``||r|| sqrt(pi/2)/m S^T z`` with QJL)."""
     checks.check_params(params)
     _check_torch_code("code", code, params)
-    dtype = _output_dtype(code)
-    return _dequantize(code, params, dtype, _compute_dtype(dtype)).reshape(*code.shape, params.spec.dim)
+    dtype = output_dtype(code)
+    return _dequantize(code, params, dtype, compute_dtype(dtype)).reshape(*code.shape, params.spec.dim)
 
 
 def _scores(q: torch.Tensor, code: Compressed, params: QuantParams, name: str = "code") -> torch.Tensor:
@@ -464,7 +442,7 @@ def _scores(q: torch.Tensor, code: Compressed, params: QuantParams, name: str = 
     checks.check_params(params)
     _check_torch_code(name, code, params)
     spec = params.spec
-    q = _check_vectors("q", q, spec.dim)
+    q = check_vectors("q", q, spec.dim)
     checks.check_finite("q", bool(torch.isfinite(q).all()))
     checks.check_min_ndim("q", tuple(q.shape), 2, "(..., M, dim)")
     checks.check_min_ndim(name, code.shape, 1, "(..., N)")
@@ -473,7 +451,7 @@ def _scores(q: torch.Tensor, code: Compressed, params: QuantParams, name: str = 
         torch.broadcast_shapes(tuple(q.shape[:-2]), code.shape[:-1])
     except RuntimeError:
         raise checks.broadcast_error("q", tuple(q.shape[:-2]), name, code.shape[:-1]) from None
-    compute = _compute_dtype(q.dtype)
+    compute = compute_dtype(q.dtype)
     dp = device_params(params, q.device, compute)
     qc = q.to(compute)
     # q . (s Rot^T c) = s (Rot q) . c: rotate the M queries instead of the N keys.
@@ -515,7 +493,7 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     checks.check_params(v_params)
     _check_torch_code("k_code", k_code, k_params)
     _check_torch_code("v_code", v_code, v_params)
-    q = _check_vectors("q", q, k_params.spec.dim)
+    q = check_vectors("q", q, k_params.spec.dim)
     group = checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
     _check_same_device("v_code", v_code, "q", q.device)
     batch, kv_heads, kv_len = k_code.shape

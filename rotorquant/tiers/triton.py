@@ -41,15 +41,14 @@ from ..kernels.dequantize import dequantize_kernel
 from ..kernels.quantize import quantize_kernel
 from ..kernels.scores import scores_kernel
 from ..params import QuantParams
-from ..spec import NormDtype, QuantizerSpec
+from ..spec import QuantizerSpec
+from ..torch_checks import NORM_DTYPES, check_vectors, compute_dtype, dtype_name, output_dtype
 
 __all__ = ["attention", "dequantize", "quantize", "scores"]
 
 INTERPRETING = type(quantize_kernel).__name__ == "InterpretedFunction"
 """True when ``TRITON_INTERPRET=1`` was set before the kernels were imported (CPU tensors)."""
 
-_NORM_DTYPES = {NormDtype.FLOAT32: torch.float32, NormDtype.FLOAT16: torch.float16}
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LOG2E = 1.0 / math.log(2.0)
 # float32 tl.dots: three TF32 passes on tensor cores (float32-level accuracy) instead of "ieee", whose
 # FMA lowering spills thousands of bytes at d = 128; the interpreter multiplies in float32 either way.
@@ -89,10 +88,6 @@ class _Tables:
     smat: torch.Tensor | None
     sketch_t: torch.Tensor | None
 
-
-def _compute(dtype: torch.dtype) -> torch.dtype:
-    """Arithmetic dtype of the kernels for inputs of ``dtype``: float64 for float64, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _kernel_dtypes(compute: torch.dtype) -> dict:
@@ -168,16 +163,10 @@ def _check_device(name: str, device: torch.device) -> None:
     raise ValueError(f"{name}: expected a tensor on a CUDA device{hint}, got one on {device}")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def _as_vectors(name: str, x: object, dim: int) -> torch.Tensor:
     """``x`` must be a real floating tensor ``(..., dim)`` on a device the kernels can run on."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    checks.check_floating(name, _dtype_name(x.dtype), x.dtype in _FLOATING)
-    checks.check_last_dim(name, tuple(x.shape), dim)
+    check_vectors(name, x, dim)
     _check_device(name, x.device)
     return x
 
@@ -185,7 +174,7 @@ def _as_vectors(name: str, x: object, dim: int) -> torch.Tensor:
 def _check_code_tensors(name: str, code: Compressed, device: torch.device | None) -> torch.device:
     """The payload must be torch tensors of the documented dtypes on one device (``device`` if given)."""
     spec = code.spec
-    norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    norm_dtype = NORM_DTYPES[spec.norm_dtype]
     fields = {"codes": (code.codes, torch.uint8), "norms": (code.norms, norm_dtype)}
     if spec.qjl:
         fields["qjl_signs"] = (code.qjl_signs, torch.uint8)
@@ -196,7 +185,7 @@ def _check_code_tensors(name: str, code: Compressed, device: torch.device | None
                 f"{name}.{field}: expected a torch.Tensor (a code from the torch or triton tier), got {type(t).__name__}"
             )
         if t.dtype != dtype:
-            raise TypeError(f"{name}.{field}: expected dtype {_dtype_name(dtype)}, got {_dtype_name(t.dtype)}")
+            raise TypeError(f"{name}.{field}: expected dtype {dtype_name(dtype)}, got {dtype_name(t.dtype)}")
         device = t.device if device is None else device
         if t.device != device:
             raise ValueError(f"{name}.{field}: expected device {device}, got {t.device}")
@@ -207,12 +196,6 @@ def _check_code_tensors(name: str, code: Compressed, device: torch.device | None
         )
     return device
 
-
-def _output_dtype(code: Compressed) -> torch.dtype:
-    dtype = getattr(torch, str(code.dtype), None)
-    if dtype not in _FLOATING:
-        raise ValueError(f"code.dtype: expected one of {[_dtype_name(t) for t in _FLOATING]}, got {code.dtype!r}")
-    return dtype
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -244,7 +227,7 @@ def _quantize_rows(
     ``(codes, norms, raw_norms, signs, residual_norms)``; no checks, no synchronization.
     ``block_n`` (vectors per program) and ``num_warps`` override the launch configuration (benchmarks)."""
     spec = params.spec
-    compute = _compute(rows.dtype)
+    compute = compute_dtype(rows.dtype)
     tab = _tables(params, rows.device, compute)
     n = rows.shape[0]
     new = functools.partial(torch.empty, device=rows.device)
@@ -275,7 +258,7 @@ def _check_norms(x: torch.Tensor, raw: torch.Tensor, spec: QuantizerSpec) -> Non
     """One synchronization: the kernel's norms are finite and fit the norm dtype, else the reference's errors."""
     if raw.numel() == 0:
         return
-    limit = float(torch.finfo(_NORM_DTYPES[spec.norm_dtype]).max)
+    limit = float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max)
     if bool((~torch.isfinite(raw)).any() | (raw.amax() > limit)):
         _check_finite("x", x)
         exact = float(torch.linalg.vector_norm(x.to(torch.float64), dim=-1).max())
@@ -293,12 +276,12 @@ def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
         rows = rows.contiguous()
     codes, norms, raw, signs, res = _quantize_rows(rows, params)
     _check_norms(x, raw, spec)
-    norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    norm_dtype = NORM_DTYPES[spec.norm_dtype]
     fields = dict(
         codes=codes.reshape(*lead, spec.code_bytes),
         norms=norms.to(norm_dtype).reshape(lead),
         spec=spec,
-        dtype=_dtype_name(x.dtype),
+        dtype=dtype_name(x.dtype),
     )
     if spec.qjl:
         fields["qjl_signs"] = signs.reshape(*lead, spec.sign_bytes)
@@ -314,9 +297,9 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
     checks.check_params(params)
     checks.check_code("code", code, params)
     device = _check_code_tensors("code", code, None)
-    out_dtype = _output_dtype(code)
+    out_dtype = output_dtype(code)
     spec = params.spec
-    tab = _tables(params, device, _compute(out_dtype))
+    tab = _tables(params, device, compute_dtype(out_dtype))
     lead = code.shape
     n = math.prod(lead)
     out = torch.empty((n, spec.dim), dtype=_store_dtype(out_dtype), device=device)
@@ -332,7 +315,7 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
             tab.inv, tab.centroids,
             signs, spec.sign_bytes, res,
             tab.smat if spec.qjl else tab.centroids, spec.qjl_dim,
-            **_kernel_dtypes(_compute(out_dtype)), BITS=spec.mse_bits, DENSE=params.rotation is not None,
+            **_kernel_dtypes(compute_dtype(out_dtype)), BITS=spec.mse_bits, DENSE=params.rotation is not None,
             QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=_WARPS,
         )  # fmt: skip
     return out.to(out_dtype).reshape(*lead, spec.dim)
@@ -364,7 +347,7 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
         lead = tuple(torch.broadcast_shapes(q.shape[:-2], code.shape[:-1]))
     except RuntimeError:
         raise checks.broadcast_error("q", tuple(q.shape[:-2]), "code", code.shape[:-1]) from None
-    compute = _compute(q.dtype)
+    compute = compute_dtype(q.dtype)
     tab = _tables(params, q.device, compute)
     big_m, big_n = q.shape[-2], code.shape[-1]
     qf = q.to(compute)
@@ -473,7 +456,7 @@ def _attention_launch(q, k_code, v_code, k_params, v_params, *, scale, lens, spl
     q_len = q.shape[2]
     rows = (q.shape[1] // kv_heads) * q_len
     bh = batch * kv_heads
-    compute = _compute(q.dtype)
+    compute = compute_dtype(q.dtype)
     tk, tv = _tables(k_params, q.device, compute), _tables(v_params, q.device, compute)
     factor = (1.0 / math.sqrt(kspec.dim) if scale is None else float(scale)) * _LOG2E
     qf = q.to(compute).reshape(bh, rows, kspec.dim)

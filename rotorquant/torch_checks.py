@@ -1,0 +1,42 @@
+"""Dtypes and input checks for torch tensors, shared by the torch and Triton tiers.
+
+The messages come from `rotorquant.checks`, so every tier words its errors the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import checks
+from .compressed import Compressed
+from .spec import NormDtype
+
+NORM_DTYPES = {NormDtype.FLOAT32: torch.float32, NormDtype.FLOAT16: torch.float16}
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the form `Compressed.dtype` stores)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype for inputs of ``dtype``: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_vectors(name: str, x: object, dim: int) -> torch.Tensor:
+    """``x`` must be a real floating tensor ``(..., dim)`` (finiteness is checked by the caller)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    checks.check_floating(name, dtype_name(x.dtype), x.dtype in FLOATING)
+    checks.check_last_dim(name, tuple(x.shape), dim)
+    return x
+
+
+def output_dtype(code: Compressed) -> torch.dtype:
+    """The torch dtype named by ``code.dtype`` (the input's dtype), in which dequantized values return."""
+    dtype = getattr(torch, str(code.dtype), None)
+    if dtype not in FLOATING:
+        raise ValueError(f"code.dtype: expected one of {[dtype_name(t) for t in FLOATING]}, got {code.dtype!r}")
+    return dtype
