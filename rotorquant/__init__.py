@@ -8,6 +8,7 @@
     208
 """
 
+from .calibration import Calibration, calibrate
 from .codebook import Codebook, lloyd_max
 from .compressed import Compressed
 from .params import QuantParams, build_params
@@ -17,6 +18,7 @@ from .spec import NormDtype, QuantizerSpec, Rotation
 __version__ = "0.1.0"
 
 __all__ = [
+    "Calibration",
     "Codebook",
     "Compressed",
     "NormDtype",
@@ -26,5 +28,6 @@ __all__ = [
     "Rotation",
     "Tier",
     "build_params",
+    "calibrate",
     "lloyd_max",
 ]

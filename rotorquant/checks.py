@@ -47,6 +47,11 @@ def check_code(name: str, code: object, params: QuantParams) -> None:
         raise TypeError(f"{name}: expected a rotorquant.Compressed, got {type(code).__name__}")
     if code.spec != params.spec:
         raise ValueError(f"{name}: expected a code built for {params.spec}, got one built for {code.spec}")
+    if code.calibration is not None:
+        raise ValueError(
+            f"{name}: expected a code made without a Calibration, got a calibrated one "
+            "(decode it with the rotorquant.Quantizer that made it)"
+        )
     spec = params.spec
     if tuple(code.codes.shape[-1:]) != (spec.code_bytes,):
         raise ValueError(f"{name}.codes: expected shape (..., {spec.code_bytes}), got {tuple(code.codes.shape)}")

@@ -23,8 +23,15 @@ import numpy as np
 
 from .fidelity import Method
 
-METHODS = tuple(f"{r}{t}" for r in ("rotor", "dense") for t in ("", "+qjl", "+nc", "+gauss", "+nc+gauss"))
-DEFAULT_METHODS = ("rotor", "dense", "rotor+qjl", "dense+qjl", "rotor+nc")
+METHODS = tuple(
+    f"{r}{t}"
+    for r in ("rotor", "dense")
+    for t in ("", "+qjl", "+nc", "+gauss", "+nc+gauss", "+cal", "+nc+cal", "+seqcal", "+nc+seqcal")
+)
+CALIBRATION_TAGS = {"cal": "model", "seqcal": "sequence"}
+DEFAULT_METHODS = (
+    "rotor", "dense", "rotor+qjl", "dense+qjl", "rotor+nc", "rotor+nc+cal", "dense+nc+cal", "rotor+nc+seqcal"
+)
 SECTIONS = ("isotropic", "bytes", "fidelity", "speed")
 ISO_DIM = 128
 
@@ -34,11 +41,12 @@ class BenchError(Exception):
 
 
 def parse_method(label: str, bits: int = 3) -> Method:
-    """``rotation[+qjl][+nc][+gauss]`` (one of `METHODS`) at ``bits`` -> `rotorquant.fidelity.Method`."""
+    """``rotation[+qjl][+nc][+gauss][+cal|+seqcal]`` (one of `METHODS`) at ``bits`` -> `rotorquant.fidelity.Method`."""
     rotation, *tags = label.split("+")
+    calibration = next((CALIBRATION_TAGS[t] for t in tags if t in CALIBRATION_TAGS), "none")
     return Method(
         rotation=rotation, bits=bits, qjl="qjl" in tags, norm_correction="nc" in tags,
-        codebook="gaussian" if "gauss" in tags else "exact",
+        codebook="gaussian" if "gauss" in tags else "exact", calibration=calibration,
     )
 
 
@@ -79,7 +87,8 @@ def isotropic_rows(config: BenchConfig, progress) -> list[dict]:
     x_t, q_t = torch.from_numpy(x), torch.from_numpy(q)
     true = q @ x.T
     rows = []
-    for method in progress(_grid(config), "isotropic"):
+    grid = [m for m in _grid(config) if m.calibration == "none"]  # isotropic channels: a calibration is ~identity
+    for method in progress(grid, "isotropic"):
         params = method.params(ISO_DIM, config.seed)
         code = tier.quantize(x_t, params)
         x_hat = tier.dequantize(code, params).numpy()
@@ -144,8 +153,8 @@ def bytes_rows(config: BenchConfig) -> list[dict]:
     rows = []
     for dim in (32, ISO_DIM):
         for method in _grid(config):
-            if method.norm_correction or method.codebook != "exact":
-                continue  # same bytes as the plain method
+            if method.norm_correction or method.codebook != "exact" or method.calibration != "none":
+                continue  # same bytes per vector as the plain method
             per_vector = {}
             for norm_dtype in ("float32", "float16"):
                 spec = dataclasses.replace(method.spec(dim, config.seed), norm_dtype=norm_dtype)
@@ -191,7 +200,29 @@ def fidelity_rows(config: BenchConfig, progress) -> tuple[list, dict]:
     )
     capture = minilm.capture_qkv(config.sentences)
     info = dict(sentences=len(capture.sentences), tokens=int(capture.mask.sum()), **fidelity.channel_outliers(capture))
+    for kind in ("model", "sequence"):
+        method = next((m for m in _grid(config) if m.calibration == kind), None)
+        if method is not None:
+            info[f"{kind}_calibration_bytes"] = fidelity.calibration_nbytes(capture, method, config.seed)
     return rows, info
+
+
+def calibration_note(info: dict) -> str:
+    """What the ``+cal`` / ``+seqcal`` rows mean and what their statistics cost (empty without them)."""
+    notes = []
+    if "model_calibration_bytes" in info:
+        notes.append(
+            "+cal: keys centered, keys and values scaled per channel, with statistics of the other half of the "
+            f"sentences (cross-fitted); all layers and heads: {info['model_calibration_bytes']} bytes, once per model."
+        )
+    if "sequence_calibration_bytes" in info:
+        per_sentence = info["sequence_calibration_bytes"] / info["sentences"]
+        notes.append(
+            "+seqcal: the same statistics fitted on each sentence's own keys and values (as a KV cache can on its "
+            f"prompt): {per_sentence:.0f} bytes per sentence, {info['sequence_calibration_bytes']} in all, "
+            "on top of the codes (the bytes table does not include them)."
+        )
+    return "".join(n + "\n\n" for n in notes)
 
 
 # ---------------------------------------------------------------- speed
@@ -386,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_METHODS),
         help=(
             f"comma-separated, from {', '.join(METHODS)} (+qjl = 1-bit QJL residual sketch, +nc = norm correction, "
-            f"+gauss = Gaussian-approximation codebook); default {','.join(DEFAULT_METHODS)}"
+            f"+gauss = Gaussian-approximation codebook, +cal = per-channel calibration fitted on held-out sentences, "
+            f"+seqcal = fitted on each sentence itself; +cal/+seqcal in the fidelity section only); default {','.join(DEFAULT_METHODS)}"
         ),
     )
     bench.add_argument(
@@ -450,6 +482,7 @@ def run_bench(config: BenchConfig, out=None) -> dict:
             f"_{time.perf_counter() - t:.1f} s_\n",
             file=out,
         )
+        print(calibration_note(info), file=out)
     if "speed" in config.sections:
         from .timing import speed_table_markdown
 

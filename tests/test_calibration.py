@@ -1,0 +1,181 @@
+"""`rotorquant.calibrate` and a `Quantizer` with a `Calibration`, on every tier present."""
+
+import numpy as np
+import pytest
+
+import rotorquant as rq
+from tiers import TIERS, to_numpy
+
+SPEC = rq.QuantizerSpec(dim=35, bits=3, norm_correction=True)  # 11 rotors and a Cl(2) tail
+PARAMS = rq.build_params(SPEC)
+CHANNEL_RMS = np.random.default_rng(99).permutation(np.geomspace(0.1, 4.0, SPEC.dim))  # uneven, as real keys
+
+
+def _keys(seed=0, shape=(2, 3, 40)):
+    """Vectors with uneven channels and an offset: ``(*shape, dim)`` float64."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((*shape, SPEC.dim)) * CHANNEL_RMS + 0.7
+
+
+def _rel_mse(x, x_hat):
+    return float(np.sum((x - x_hat) ** 2) / np.sum(x**2))
+
+
+def test_isotropic_samples_fit_unit_scales():
+    x = np.random.default_rng(1).standard_normal((20000, SPEC.dim))
+    cal = rq.calibrate(x, PARAMS, axis=0)
+    assert cal.scale.shape == (1, SPEC.dim) and cal.center is None and cal.scale.dtype == np.float32
+    np.testing.assert_allclose(cal.scale, 1.0, atol=0.04)
+
+
+def test_scales_measure_rotated_unit_channels():
+    """The definition: s_j^2 = d * mean((Rot(x - mu) / ||x - mu||)_j^2), per group, keeping sample axes."""
+    x = _keys()
+    cal = rq.calibrate(x, PARAMS, axis=(0, 2), center=True)
+    assert cal.scale.shape == cal.center.shape == (1, 3, 1, SPEC.dim)
+    mu = x.mean(axis=(0, 2), keepdims=True)
+    u = (x - mu) / np.linalg.norm(x - mu, axis=-1, keepdims=True)
+    y = u @ PARAMS.rotation_matrix().T
+    want = np.maximum(np.sqrt(SPEC.dim * np.mean(y**2, axis=(0, 2), keepdims=True)), rq.calibration.MIN_SCALE)
+    assert (want == rq.calibration.MIN_SCALE).any()  # the floor is exercised
+    np.testing.assert_allclose(cal.scale, want, rtol=1e-6)
+    np.testing.assert_allclose(cal.center, mu, rtol=1e-6)
+    assert cal.nbytes == 4 * 2 * 3 * SPEC.dim
+
+
+def test_mask_leaves_padding_out():
+    x = _keys()
+    mask = np.zeros(x.shape[:-1], dtype=bool)
+    mask[..., :25] = True
+    padded = x.copy()
+    padded[..., 25:, :] = 1e6  # garbage that must not count
+    got = rq.calibrate(padded, PARAMS, axis=(0, 2), mask=mask, center=True)
+    want = rq.calibrate(x[..., :25, :], PARAMS, axis=(0, 2), center=True)
+    np.testing.assert_allclose(got.scale, want.scale, rtol=1e-6)
+    np.testing.assert_allclose(got.center, want.center, rtol=1e-6)
+
+
+def test_prior_pulls_a_tiny_sample_toward_identity():
+    x = _keys(shape=(2,))
+    loose = rq.calibrate(x, PARAMS, axis=0)
+    firm = rq.calibrate(x, PARAMS, axis=0, prior=1000.0)
+    assert np.abs(firm.scale - 1).max() < 0.01 < np.abs(loose.scale - 1).max()
+    empty = rq.calibrate(x, PARAMS, axis=0, mask=np.zeros(2, dtype=bool), prior=4.0)
+    np.testing.assert_array_equal(empty.scale, 1.0)
+
+
+def test_precondition_restore_and_score_identities():
+    """restore inverts precondition; q . x = (A^-1 q) . A(x - mu) + q . mu exactly (float64)."""
+    x = _keys()
+    cal = rq.calibrate(x, PARAMS, axis=(0, 2), center=True)
+    q = np.random.default_rng(2).standard_normal(x.shape)
+    xp = cal.precondition(x)
+    np.testing.assert_allclose(cal.restore(xp), x, atol=1e-5)  # float32 statistics: exact up to their rounding
+    lhs = np.sum(q * x, axis=-1)
+    rhs = np.sum(cal.queries(q) * xp, axis=-1) + cal.offsets(q)
+    np.testing.assert_allclose(lhs, rhs, atol=1e-5)
+
+
+def test_precondition_evens_the_rotated_channels():
+    x = _keys(shape=(4, 3, 400))
+    cal = rq.calibrate(x, PARAMS, axis=(0, 2), center=True)
+    refit = rq.calibrate(cal.precondition(x), PARAMS, axis=(0, 2))
+    assert np.abs(rq.calibrate(x, PARAMS, axis=(0, 2)).scale - 1).max() > 1.0
+    assert np.abs(refit.scale - 1).max() < 0.15
+
+
+@pytest.mark.parametrize("tier", [t for t in TIERS if "float32" in t.dtypes], ids=lambda t: t.name)
+def test_calibrated_quantizer_on_every_tier(tier):
+    """Held-out vectors: calibration lowers the error; every tier makes the reference's codes."""
+    cal = rq.calibrate(_keys(seed=0), PARAMS, axis=(0, 2), center=True)
+    x = _keys(seed=1, shape=(2, 3, 8))
+    plain = rq.Quantizer(SPEC, tier=tier.module.__name__.rsplit(".", 1)[1])
+    calibrated = rq.Quantizer(SPEC, tier=plain.tier, calibration=cal)
+    reference = rq.Quantizer(SPEC, tier="numpy", calibration=cal)
+    xt = tier.array(x, "float32")
+    code, ref_code = calibrated.quantize(xt), reference.quantize(x.astype(np.float32))
+    assert code.calibration is cal and code.dtype == "float32" and code.nbytes == plain.quantize(xt).nbytes
+    mismatch = np.mean(to_numpy(code.codes) != ref_code.codes)
+    assert mismatch < 0.01  # float32 rounding flips rare ties
+    x_hat = to_numpy(calibrated.dequantize(code))
+    assert _rel_mse(x, x_hat) < 0.6 * _rel_mse(x, to_numpy(plain.dequantize(plain.quantize(xt))))
+    q = np.random.default_rng(3).standard_normal((2, 3, 5, SPEC.dim))
+    s = to_numpy(calibrated.scores(tier.array(q, "float32"), code))
+    np.testing.assert_allclose(s, q @ np.swapaxes(x_hat, -1, -2), atol=2e-3 * np.abs(s).max())
+
+
+def test_half_inputs_come_back_in_their_dtype():
+    torch = pytest.importorskip("torch")
+    cal = rq.calibrate(_keys(), PARAMS, axis=(0, 2), center=True)
+    quantizer = rq.Quantizer(SPEC, tier="torch", calibration=cal)
+    x = torch.tensor(_keys(seed=1), dtype=torch.float16)
+    code = quantizer.quantize(x)
+    assert code.dtype == "float16" and quantizer.dequantize(code).dtype == torch.float16
+    assert quantizer.scores(x[..., :2, :], code).dtype == torch.float16
+
+
+def test_codes_are_bound_to_their_calibration():
+    from rotorquant.tiers import numpy as ref
+
+    x = _keys()
+    cal = rq.calibrate(x, PARAMS, axis=(0, 2))
+    other = rq.calibrate(x, PARAMS, axis=(0, 2))
+    code = rq.Quantizer(SPEC, tier="numpy", calibration=cal).quantize(x)
+    with pytest.raises(ValueError, match="code: expected a code made without a Calibration, got a calibrated one"):
+        rq.Quantizer(SPEC, tier="numpy").dequantize(code)
+    with pytest.raises(ValueError, match="code: expected a code made without a Calibration"):
+        ref.scores(x, code, PARAMS)
+    with pytest.raises(ValueError, match="calibration, got one made with another"):
+        rq.Quantizer(SPEC, tier="numpy", calibration=other).dequantize(code)
+    plain = rq.Quantizer(SPEC, tier="numpy").quantize(x)
+    with pytest.raises(ValueError, match="calibration, got one without"):
+        rq.Quantizer(SPEC, tier="numpy", calibration=cal).scores(x, plain)
+    with pytest.raises(ValueError, match=r"calibration: expected one fitted for QuantizerSpec\(dim=35, bits=4"):
+        rq.Quantizer(rq.QuantizerSpec(dim=35, bits=4), calibration=cal)
+    with pytest.raises(TypeError, match="calibration: expected a rotorquant.Calibration, got dict"):
+        rq.Quantizer(SPEC, calibration={})
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(axis=3), ValueError, r"axis: expected distinct sample axes among 0..2 \(not the last, vector axis\), got 3"),
+        (dict(axis=(0, 0)), ValueError, "axis: expected distinct sample axes"),
+        (dict(axis=(0, 5)), ValueError, "axis: expected distinct sample axes"),
+        (dict(axis="0"), TypeError, "axis: expected an int or a tuple of ints, got '0'"),
+        (dict(axis=0, mask=np.ones((3, 3), dtype=bool)), ValueError, r"mask: expected a shape that broadcasts to \(2, 3, 40\), got \(3, 3\)"),
+        (dict(axis=0, mask=np.ones((2, 3, 40))), TypeError, "mask: expected a bool array"),
+        (dict(axis=0, prior=-1.0), ValueError, "prior: expected a finite number >= 0, got -1.0"),
+        (dict(axis=0, mask=np.zeros((2, 3, 40), dtype=bool)), ValueError, "at least one real, non-zero sample in every group"),
+    ],
+)
+def test_calibrate_rejects_bad_arguments(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        rq.calibrate(_keys(), PARAMS, **kwargs)
+
+
+def test_calibrate_rejects_bad_samples():
+    with pytest.raises(ValueError, match="samples: expected finite values, got NaN or Inf"):
+        rq.calibrate(np.full((4, SPEC.dim), np.nan), PARAMS, axis=0)
+    with pytest.raises(ValueError, match=r"samples: expected shape \(samples..., 35\), got \(4, 32\)"):
+        rq.calibrate(np.ones((4, 32)), PARAMS, axis=0)
+    with pytest.raises(TypeError, match="samples: expected a real floating-point dtype, got int64"):
+        rq.calibrate(np.ones((4, SPEC.dim), dtype=np.int64), PARAMS, axis=0)
+    with pytest.raises(TypeError, match="params: expected QuantParams"):
+        rq.calibrate(np.ones((4, SPEC.dim)), SPEC, axis=0)
+
+
+def test_apply_rejects_bad_vectors():
+    cal = rq.calibrate(_keys(), PARAMS, axis=(0, 2))  # per-group scales (1, 3, 1, 35)
+    with pytest.raises(ValueError, match=r"x: expected a shape the calibration's \(1, 3, 1, 35\) broadcasts to, got \(2, 4, 5, 35\)"):
+        cal.precondition(np.ones((2, 4, 5, SPEC.dim)))
+    with pytest.raises(ValueError, match=r"broadcasts to, got \(1, 5, 35\)"):
+        cal.restore(np.ones((1, 5, SPEC.dim)))  # would silently expand to (1, 3, 5, 35)
+    with pytest.raises(ValueError, match=r"q: expected shape \(..., 35\), got \(3, 34\)"):
+        cal.queries(np.ones((3, 34)))
+    with pytest.raises(TypeError, match="x_prime: expected a real floating-point dtype, got int64"):
+        cal.restore(np.ones((3, SPEC.dim), dtype=np.int64))
+    with pytest.raises(TypeError, match="x: expected a numpy.ndarray or torch.Tensor, got list"):
+        cal.precondition([0.0] * SPEC.dim)
+    with pytest.raises(ValueError, match="x: expected finite values, got NaN or Inf"):
+        rq.Quantizer(SPEC, tier="numpy", calibration=cal).quantize(np.full((3, SPEC.dim), np.inf))
