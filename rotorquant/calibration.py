@@ -24,13 +24,14 @@ worse, see ``docs/benchmarks/fidelity.md``), so `rotorquant.fidelity` centers ke
 
 Statistics keep the sample axes with size 1, so they broadcast against the vectors they were fitted
 on: keys ``(batch, heads, tokens, d)`` fitted with ``axis=(0, 2)`` give per-head ``(1, heads, 1, d)``.
-They are stored as float32 (``nbytes`` counts them); arithmetic runs in float64 for float64 inputs and
-in float32 otherwise.
+They are stored as float32 (``nbytes`` counts them); arithmetic runs in float64 for NumPy and float64
+torch inputs and in float32 for other torch inputs, and the results stay in that dtype.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,15 +62,23 @@ class Calibration:
         d = self.spec.dim
         for name in ("scale", "center"):
             a = getattr(self, name)
-            if a is None:
+            if a is None and name == "center":
                 continue
-            a = np.array(a, dtype=np.float32)
+            a = _real_array(name, a)
             if a.ndim == 0 or a.shape[-1] != d or (name == "center" and a.shape != self.scale.shape):
-                raise ValueError(f"{name}: expected shape (..., {d}) (center: as scale), got {a.shape}")
+                want = f"(..., {d})" if name == "scale" else f"{self.scale.shape} (as scale)"
+                raise ValueError(f"{name}: expected shape {want}, got {a.shape}")
             if not np.isfinite(a).all() or (name == "scale" and not (a > 0).all()):
-                raise ValueError(f"{name}: expected finite values (scale: positive)")
+                raise ValueError(f"{name}: expected finite values" + (" > 0" if name == "scale" else ""))
             a.setflags(write=False)
             object.__setattr__(self, name, a)
+
+    def __getstate__(self) -> dict:
+        return {"params": self.params, "scale": self.scale, "center": self.center}  # not the device copies
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in {**state, "_cache": {}}.items():
+            object.__setattr__(self, name, value)
 
     @property
     def spec(self):
@@ -91,9 +100,10 @@ class Calibration:
         key = (like.device, dtype)
         if key not in self._cache:
             arrays = (self.params.rotation_matrix(), self.scale, self.center)
-            self._cache[key] = tuple(
-                None if a is None else torch.tensor(np.array(a), dtype=dtype, device=like.device) for a in arrays
-            )
+            with torch.inference_mode(False):  # plain tensors, usable with autograd later
+                self._cache[key] = tuple(
+                    None if a is None else torch.tensor(np.array(a), dtype=dtype, device=like.device) for a in arrays
+                )
         return self._cache[key]
 
     def _check(self, name: str, x) -> None:
@@ -155,15 +165,15 @@ class Calibration:
         return (q * (0 if mu is None else mu)).sum(-1)
 
 
+def _is_int(a) -> bool:
+    return isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_))
+
+
 def _normalize_axis(axis, ndim: int) -> tuple[int, ...]:
-    axes = (axis,) if isinstance(axis, int) and not isinstance(axis, bool) else axis
-    if isinstance(axes, (str, bytes)):
+    axes = (axis,) if _is_int(axis) else axis
+    if not isinstance(axes, (tuple, list)) or not all(_is_int(a) for a in axes):
         raise TypeError(f"axis: expected an int or a tuple of ints, got {axis!r}")
-    try:
-        axes = tuple(int(a) for a in axes)
-    except TypeError:
-        raise TypeError(f"axis: expected an int or a tuple of ints, got {axis!r}") from None
-    out = tuple(sorted({a % ndim for a in axes if -ndim <= a < ndim}))
+    out = tuple(sorted({int(a) % ndim for a in axes if -ndim <= a < ndim}))
     if len(out) != len(axes) or not out or ndim - 1 in out:
         raise ValueError(
             f"axis: expected distinct sample axes among 0..{ndim - 2} (not the last, vector axis), got {axis!r}"
@@ -171,8 +181,20 @@ def _normalize_axis(axis, ndim: int) -> tuple[int, ...]:
     return out
 
 
+def _real_array(name: str, a) -> np.ndarray:
+    """``a`` (NumPy or torch) as a float32 NumPy array; real numbers only."""
+    if type(a).__module__.split(".")[0] == "torch":
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a) if isinstance(a, (np.ndarray, list, tuple)) else None
+    if a is None or a.dtype.kind not in "fiu":
+        raise TypeError(f"{name}: expected an array of real numbers, got {'no array' if a is None else a.dtype}")
+    return np.array(a, dtype=np.float32)
+
+
 def _as_float64(name: str, x) -> np.ndarray:
     if type(x).__module__.split(".")[0] == "torch":
+        if not x.is_floating_point():
+            raise TypeError(f"{name}: expected a real floating-point dtype, got {x.dtype}")
         x = x.detach().cpu().double().numpy()
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
@@ -214,8 +236,11 @@ def calibrate(
     if x.ndim < 2 or x.shape[-1] != d:
         raise ValueError(f"samples: expected shape (samples..., {d}), got {x.shape}")
     axes = _normalize_axis(axis, x.ndim)
-    if isinstance(prior, bool) or not isinstance(prior, (int, float)) or not 0 <= prior < math.inf:
+    if isinstance(prior, (bool, np.bool_)) or not isinstance(prior, numbers.Real) or not 0 <= prior < math.inf:
         raise ValueError(f"prior: expected a finite number >= 0, got {prior!r}")
+    if not isinstance(center, (bool, np.bool_)):
+        raise TypeError(f"center: expected a bool, got {center!r}")
+    prior = float(prior)
     w = _weights(mask, x.shape[:-1])[..., None]
     count = w.sum(axis=axes, keepdims=True)
     mu = None

@@ -137,6 +137,12 @@ class Quantizer:
         inner = self._inner("code", code)
         if self.calibration is None:
             return self._module(q).scores(q, inner, self.params)
+        shape = self.calibration.scale.shape
+        if len(shape) >= 2 and shape[-2] != 1:
+            raise ValueError(
+                f"calibration: scores need statistics that are the same for every vector of a row, shape "
+                f"(..., 1, {self.spec.dim}), got {shape} (they would be applied along the query axis)"
+            )
         s = self._module(q).scores(self.calibration.queries(q), inner, self.params)
         s = s + self.calibration.offsets(q)[..., None]
         return s if isinstance(s, np.ndarray) else s.to(q.dtype)

@@ -104,6 +104,51 @@ def test_calibrated_quantizer_on_every_tier(tier):
     np.testing.assert_allclose(s, q @ np.swapaxes(x_hat, -1, -2), atol=2e-3 * np.abs(s).max())
 
 
+def test_scores_refuse_statistics_that_vary_along_the_vectors():
+    """Per-position statistics fit the codes but would be applied along the queries' axis."""
+    x = _keys(shape=(4, 6))
+    per_position = rq.calibrate(x, PARAMS, axis=0, center=True)  # (1, 6, d)
+    quantizer = rq.Quantizer(SPEC, tier="numpy", calibration=per_position)
+    code = quantizer.quantize(x)
+    np.testing.assert_allclose(quantizer.dequantize(code), x, atol=0.4 * np.abs(x).max())
+    with pytest.raises(ValueError, match=r"calibration: scores need statistics .* got \(1, 6, 35\)"):
+        quantizer.scores(x, code)
+
+
+def test_pickle_keeps_statistics_not_device_copies():
+    import pickle
+
+    torch = pytest.importorskip("torch")
+    cal = rq.calibrate(_keys(), PARAMS, axis=(0, 2), center=True)
+    with torch.inference_mode():
+        cal.precondition(torch.ones(2, 3, 4, SPEC.dim))  # fills the per-device cache inside inference mode
+    x = torch.ones(2, 3, 4, SPEC.dim, requires_grad=True)
+    cal.precondition(x).sum().backward()  # the cached constants are plain tensors
+    assert x.grad is not None
+    again = pickle.loads(pickle.dumps(cal))
+    assert len(pickle.dumps(cal)) < 2 * len(pickle.dumps(PARAMS)) + 4 * cal.nbytes
+    np.testing.assert_array_equal(again.scale, cal.scale) and np.testing.assert_array_equal(again.center, cal.center)
+    np.testing.assert_array_equal(again.precondition(_keys()), cal.precondition(_keys()))
+
+
+def test_direct_construction_is_validated():
+    torch = pytest.importorskip("torch")
+    scale = np.ones((1, SPEC.dim))
+    assert rq.Calibration(PARAMS, torch.ones(1, SPEC.dim)).scale.dtype == np.float32
+    with pytest.raises(TypeError, match="scale: expected an array of real numbers, got no array"):
+        rq.Calibration(PARAMS, None)
+    with pytest.raises(TypeError, match="scale: expected an array of real numbers, got complex128"):
+        rq.Calibration(PARAMS, scale + 0j)
+    with pytest.raises(TypeError, match="scale: expected an array of real numbers, got no array"):
+        rq.Calibration(PARAMS, "ones")
+    with pytest.raises(ValueError, match=r"scale: expected shape \(..., 35\), got \(1, 34\)"):
+        rq.Calibration(PARAMS, np.ones((1, 34)))
+    with pytest.raises(ValueError, match=r"center: expected shape \(1, 35\) \(as scale\), got \(2, 35\)"):
+        rq.Calibration(PARAMS, scale, np.zeros((2, SPEC.dim)))
+    with pytest.raises(ValueError, match="scale: expected finite values > 0"):
+        rq.Calibration(PARAMS, 0 * scale)
+
+
 def test_half_inputs_come_back_in_their_dtype():
     torch = pytest.importorskip("torch")
     cal = rq.calibrate(_keys(), PARAMS, axis=(0, 2), center=True)
@@ -143,6 +188,8 @@ def test_codes_are_bound_to_their_calibration():
         (dict(axis=(0, 0)), ValueError, "axis: expected distinct sample axes"),
         (dict(axis=(0, 5)), ValueError, "axis: expected distinct sample axes"),
         (dict(axis="0"), TypeError, "axis: expected an int or a tuple of ints, got '0'"),
+        (dict(axis=(True,)), TypeError, r"axis: expected an int or a tuple of ints, got \(True,\)"),
+        (dict(axis=0, center="no"), TypeError, "center: expected a bool, got 'no'"),
         (dict(axis=0, mask=np.ones((3, 3), dtype=bool)), ValueError, r"mask: expected a shape that broadcasts to \(2, 3, 40\), got \(3, 3\)"),
         (dict(axis=0, mask=np.ones((2, 3, 40))), TypeError, "mask: expected a bool array"),
         (dict(axis=0, prior=-1.0), ValueError, "prior: expected a finite number >= 0, got -1.0"),
@@ -154,6 +201,11 @@ def test_calibrate_rejects_bad_arguments(kwargs, error, message):
         rq.calibrate(_keys(), PARAMS, **kwargs)
 
 
+def test_numpy_scalars_are_accepted():
+    cal = rq.calibrate(_keys(), PARAMS, axis=np.int64(0), prior=np.float32(2.0), center=np.bool_(True))
+    assert cal.scale.shape == (1, 3, 40, SPEC.dim) and cal.center is not None
+
+
 def test_calibrate_rejects_bad_samples():
     with pytest.raises(ValueError, match="samples: expected finite values, got NaN or Inf"):
         rq.calibrate(np.full((4, SPEC.dim), np.nan), PARAMS, axis=0)
@@ -163,6 +215,9 @@ def test_calibrate_rejects_bad_samples():
         rq.calibrate(np.ones((4, SPEC.dim), dtype=np.int64), PARAMS, axis=0)
     with pytest.raises(TypeError, match="params: expected QuantParams"):
         rq.calibrate(np.ones((4, SPEC.dim)), SPEC, axis=0)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="samples: expected a real floating-point dtype, got torch.int64"):
+        rq.calibrate(torch.ones((4, SPEC.dim), dtype=torch.int64), PARAMS, axis=0)
 
 
 def test_apply_rejects_bad_vectors():

@@ -159,13 +159,21 @@ def test_sequence_calibration_fits_each_sentence_on_itself():
 
 
 def test_calibrated_end_to_end_uses_each_layers_statistics():
-    """Two forward passes through one hook give the same embeddings (the layer counter wraps)."""
+    """The hook's call l (mod 6) attends with layer l's fold statistics: checked on sentence 0, layers 0 and 1."""
+    import torch
+
+    cap = minilm.capture_qkv(N)
     method = fidelity.Method(bits=4, norm_correction=True, calibration="model")
-    hook = fidelity.compressed_attention(method, capture=minilm.capture_qkv(N))
-    sentences = minilm.load_sentences(N)
-    first = minilm.sentence_embeddings(*minilm.run_model(sentences, hook))
-    second = minilm.sentence_embeddings(*minilm.run_model(sentences, hook))
-    np.testing.assert_allclose(first, second, atol=1e-6)
+    hook = fidelity.compressed_attention(method, capture=cap)
+    mask = torch.from_numpy(np.array(cap.mask))[:, None, None, :].expand(-1, 1, cap.mask.shape[1], -1)
+    for layer in (0, 1):
+        q, k, v = (torch.from_numpy(np.array(a[layer])) for a in (cap.q, cap.k, cap.v))
+        got = hook(q, k, v, mask)[0]
+        kq, vq = fidelity.quantizers(method, capture=cap, layer=layer)[0]  # sentence 0 is in fold 0
+        n = int(cap.mask[0].sum())
+        kc, vc = kq.quantize(k[:1, :, :n]), vq.quantize(v[:1, :, :n])
+        want = torch.softmax(kq.scores(q[:1, :, :n], kc) / math.sqrt(minilm.HEAD_DIM), -1) @ vq.dequantize(vc)
+        torch.testing.assert_close(got[:, :n], want[0], atol=1e-5, rtol=1e-5)
     assert fidelity.end_to_end_metrics(method, N)["embed_cosine"] > 0.99
 
 

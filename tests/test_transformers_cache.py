@@ -179,12 +179,34 @@ def test_prefill_calibration_follows_batch_reindexing_and_reset():
     assert (layer.key_quantizer.calibration.scale == scale[[1, 0]]).all()
     keys, values = layer.update(k[:, :, :1], v[:, :, :1])
     torch.testing.assert_close(keys[:, :, :-1], k[[1, 0]], atol=0.05, rtol=0.05)
-    layer.batch_select_indices(torch.tensor([0]))
-    assert layer.value_quantizer.calibration.scale.shape == (1, 2, 1, 32)
-    layer.reset()
-    layer.update(k[:1, :, :4], v[:1, :, :4])  # a new prompt: a new fit
+    layer.batch_select_indices(torch.tensor([1]))
+    assert (layer.value_quantizer.calibration.scale == layer.value_quantizer.calibration.scale[:1]).all()
     assert layer.key_quantizer.calibration.scale.shape == (1, 2, 1, 32)
-    assert not (layer.key_quantizer.calibration.scale == scale[:1]).all()
+    assert (layer.key_quantizer.calibration.scale == scale[:1]).all()  # [1, 0] then [1]: sequence 0
+    layer.reset()
+    assert layer.calibration_nbytes() == 0 and layer.key_quantizer.calibration is None
+    new_k, new_v = _uneven(batch=1, tokens=4, seed=5), _uneven(batch=1, tokens=4, seed=6)
+    layer.update(new_k, new_v)  # a new prompt: a new fit
+    want = rq.calibrate(new_k, layer.key_quantizer.params, axis=2, center=True, prior=PREFILL_PRIOR)
+    np.testing.assert_array_equal(layer.key_quantizer.calibration.scale, want.scale)
+
+
+def test_layer_with_a_model_calibration_keeps_it_through_batch_operations():
+    spec = rq.QuantizerSpec(dim=32, bits=4)
+    k = _uneven(seed=0)
+    cal = rq.calibrate(k, rq.build_params(spec), axis=(0, 2))  # per head, the same for every sequence
+    quantizer = rq.Quantizer(spec, "torch", cal)
+    layer = RotorQuantLayer(quantizer, quantizer, 0, "none")
+    layer.update(k, k)
+    layer.reorder_cache(torch.tensor([1, 0]))
+    layer.batch_select_indices(torch.tensor([1]))
+    keys, _ = layer.update(k[1:, :, :1], k[1:, :, :1])
+    assert layer.key_quantizer is quantizer and keys.shape == (1, 2, 65, 32)
+
+    def rel_err(x):
+        return float(((keys[:, :, :-1] - x) ** 2).sum() / (x**2).sum())
+
+    assert rel_err(k[:1]) < 0.02 < 0.5 < rel_err(k[1:])  # [1, 0] then [1]: sequence 0, read back at 4 bits
 
 
 def test_bad_arguments():

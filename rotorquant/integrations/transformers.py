@@ -17,7 +17,7 @@ layer's attention runs: memory held between steps is the codes plus the window. 
 torch tier on CPU and by the Triton tier on CUDA (`rotorquant.Quantizer` with ``tier="auto"``).
 
 With ``calibration="prefill"`` each layer fits a `rotorquant.Calibration` on the keys and values of
-its first ``update`` (the prompt): per sequence and KV head, keys centered and scaled per channel,
+its first ``update`` (the prompt, or its first chunk with chunked prefill): per sequence and KV head, keys centered and scaled per channel,
 values scaled, with ``PREFILL_PRIOR`` isotropic pseudo-samples. Every code of that layer is then made
 and read through it; ``calibration_nbytes()`` counts the statistics (float32, ``3 x head_dim`` numbers
 per sequence, KV head and layer). Padding tokens in the prompt count as samples (the cache is not given
@@ -93,6 +93,7 @@ class RotorQuantLayer(DynamicLayer):
         super().__init__()
         self.key_quantizer = key_quantizer
         self.value_quantizer = value_quantizer
+        self._uncalibrated = (key_quantizer, value_quantizer)
         self.residual_length = residual_length
         self.calibration = calibration
         self.key_code: Compressed | None = None
@@ -129,8 +130,8 @@ class RotorQuantLayer(DynamicLayer):
 
     def _use(self, key_cal: Calibration, value_cal: Calibration) -> None:
         kq, vq = self.key_quantizer, self.value_quantizer
-        self.key_quantizer = Quantizer(kq.spec, kq.tier, key_cal)
-        self.value_quantizer = Quantizer(vq.spec, vq.tier, value_cal)
+        self.key_quantizer = Quantizer(kq.spec, kq.tier, key_cal, params=kq.params)
+        self.value_quantizer = Quantizer(vq.spec, vq.tier, value_cal, params=vq.params)
         if self.key_code is not None:
             self.key_code = dataclasses.replace(self.key_code, calibration=key_cal)
             self.value_code = dataclasses.replace(self.value_code, calibration=value_cal)
@@ -162,6 +163,7 @@ class RotorQuantLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.key_code = self.value_code = None
+        self.key_quantizer, self.value_quantizer = self._uncalibrated  # the next prompt fits anew
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor], batch: bool = False) -> None:
         """Apply ``fn`` to every held tensor; ``batch=True`` (a reindexing of the batch axis) also to the
@@ -170,8 +172,9 @@ class RotorQuantLayer(DynamicLayer):
             self.keys, self.values = fn(self.keys), fn(self.values)
         if self.key_code is not None:
             self.key_code, self.value_code = _map_fields(self.key_code, fn), _map_fields(self.value_code, fn)
-        cals = (self.key_quantizer.calibration, self.value_quantizer.calibration)
-        if batch and cals[0] is not None:
+        fitted = self.key_quantizer.calibration is not self._uncalibrated[0].calibration
+        if batch and self.calibration == "prefill" and fitted:
+            cals = (self.key_quantizer.calibration, self.value_quantizer.calibration)
             self._use(*(_map_calibration(c, lambda t: fn(t).cpu()) for c in cals))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -181,7 +184,7 @@ class RotorQuantLayer(DynamicLayer):
         self._map(lambda t: t.repeat_interleave(repeats, dim=0), batch=True)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...], batch=True)
+        self._map(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices, ...], batch=True)
 
     def offload(self):
         self._map(lambda t: t.to("cpu", non_blocking=True))
