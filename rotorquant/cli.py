@@ -418,7 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=(
             f"comma-separated, from {', '.join(METHODS)} (+qjl = 1-bit QJL residual sketch, +nc = norm correction, "
             f"+gauss = Gaussian-approximation codebook, +cal = per-channel calibration fitted on held-out sentences, "
-            f"+seqcal = fitted on each sentence itself; +cal/+seqcal in the fidelity section only); default {','.join(DEFAULT_METHODS)}"
+            f"+seqcal = fitted on each sentence itself; +cal/+seqcal in the fidelity section only); "
+            f"default {','.join(DEFAULT_METHODS)}"
         ),
     )
     bench.add_argument(

@@ -176,7 +176,8 @@ def calibration_nbytes(capture: minilm.QKVCapture, method: Method, seed: int = 0
 
 
 def _by_fold(pairs: list, fn):
-    """``fn(key_quantizer, value_quantizer)`` -> tuple of ``(S, ...)`` tensors; sentence ``i`` from pair ``i % FOLDS``."""
+    """``fn(key_quantizer, value_quantizer)`` -> tuple of ``(S, ...)`` tensors, sentence ``i`` from pair
+    ``i % FOLDS`` (from the one pair when there is one)."""
     import torch
 
     out = None

@@ -17,11 +17,11 @@ layer's attention runs: memory held between steps is the codes plus the window. 
 torch tier on CPU and by the Triton tier on CUDA (`rotorquant.Quantizer` with ``tier="auto"``).
 
 With ``calibration="prefill"`` each layer fits a `rotorquant.Calibration` on the keys and values of
-its first ``update`` (the prompt, or its first chunk with chunked prefill): per sequence and KV head, keys centered and scaled per channel,
-values scaled, with ``PREFILL_PRIOR`` isotropic pseudo-samples. Every code of that layer is then made
-and read through it; ``calibration_nbytes()`` counts the statistics (float32, ``3 x head_dim`` numbers
-per sequence, KV head and layer). Padding tokens in the prompt count as samples (the cache is not given
-the attention mask).
+its first ``update`` (the prompt, or its first chunk with chunked prefill): per sequence and KV head,
+keys centered and scaled per channel, values scaled, with ``PREFILL_PRIOR`` isotropic pseudo-samples.
+Every code of that layer is then made and read through it; ``calibration_nbytes()`` counts the
+statistics (float32, ``3 x head_dim`` numbers per sequence, KV head and layer). Padding tokens in the
+prompt count as samples (the cache is not given the attention mask).
 
 Needs the ``hf`` and ``torch`` extras. Only models whose layers are all full attention are supported.
 """
