@@ -255,6 +255,21 @@ def test_bad_inputs_raise_the_shared_errors():
         tt.scores(torch.full((2, 16), float("nan"), device=DEVICE), code, params)
 
 
+@needs_kernels
+def test_asymmetric_codebook_is_refused():
+    """The kernels decode a code's lower half as the negated upper half: a codebook that is not exactly
+    antisymmetric (never built by build_params) is an error, not a silently wrong reconstruction."""
+    import dataclasses
+
+    params = _spec(dim=16, bits=3)
+    skewed = params.centroids.copy()
+    skewed[0] *= 1.01
+    bad = dataclasses.replace(params, centroids=skewed)
+    code = tt.quantize(_data((4, 16)), params)
+    with pytest.raises(ValueError, match="params.centroids: expected an antisymmetric codebook"):
+        tt.dequantize(code, bad)
+
+
 # ---------------------------------------------------------------------------- scores
 
 
@@ -420,3 +435,19 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     kernels = {line.split()[0] for line in lines if " shared " in line}
     assert kernels == {"quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_split_kernel", "attention_combine_kernel"}
     assert len(shared) >= 15 and max(shared) <= 227 * 1024, done.stdout
+
+
+@pytest.mark.skipif(not os.path.exists(_PTXAS), reason="triton's bundled ptxas is missing")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 on machines without a GPU")
+def test_sass_count_benchmark_finds_the_key_loop(tmp_path):
+    """`benchmarks/sass_count.py` compiles the attention launch for sm_90 and reports its key loop."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = _pythonpath()
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(ROOT, "benchmarks", "sass_count.py")
+    done = subprocess.run([sys.executable, script, "--bits", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    row = [line for line in done.stdout.splitlines() if line.startswith("| 3 |")]
+    assert len(row) == 1, done.stdout
+    bits, block_n, warps, loop, per_code = (cell.strip() for cell in row[0].split("|")[1:6])
+    assert int(loop) > 100 and float(per_code) == pytest.approx(int(loop) * int(warps) * 32 / (2 * int(block_n) * 128), abs=0.05)

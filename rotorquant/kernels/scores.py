@@ -12,22 +12,35 @@ unpacked to centroid levels in registers and multiplied with the query tile by `
 import triton
 import triton.language as tl
 
-from .bitpack import gather_codes
+from .bitpack import read_codes
 
 
 @triton.jit
 def centroid_levels(
     code,  # int32 codes in [0, 2**BITS)
-    cent_ptr,  # (2**BITS,) CDT centroids
+    cent_ptr,  # (2**BITS,) CDT centroids, antisymmetric: c[2**BITS - 1 - k] = -c[k] (checked on the host)
     BITS: tl.constexpr,  # bits per code
 ):
-    """``c[code]``: up to 4 bits a chain of selects among the 2**BITS centroids held in registers
-    (no per-code memory access); wider codes gather from the table."""
-    if BITS <= 4:
-        level = tl.zeros(code.shape, dtype=cent_ptr.dtype.element_ty) + tl.load(cent_ptr)
-        for t in tl.static_range(1, 1 << BITS):
-            level = tl.where(code == t, tl.load(cent_ptr + t), level)
-        return level
+    """``c[code]``. Up to 4 bits from registers, with no per-code memory access: the top bit is the
+    sign, ``c[k] = -c[2**BITS - 1 - k]`` for the lower half, and the magnitude index ``i`` (the low
+    bits, flipped for the lower half) picks one of the ``2**(BITS-1)`` upper levels by a binary tree of
+    selects on its bits. Wider codes gather from the table."""
+    if BITS == 1:
+        return tl.where(code != 0, tl.load(cent_ptr + 1), tl.load(cent_ptr))
+    elif BITS <= 4:
+        half: tl.constexpr = 1 << (BITS - 1)
+        top = code >> (BITS - 1)  # 1 for the upper (positive) half
+        i = (code ^ (top - 1)) & (half - 1)  # the magnitude's index among c[half:]
+        b0 = (i & 1) != 0
+        mag = tl.where(b0, tl.load(cent_ptr + half + 1), tl.load(cent_ptr + half))
+        if BITS >= 3:
+            b1 = (i & 2) != 0
+            mag = tl.where(b1, tl.where(b0, tl.load(cent_ptr + half + 3), tl.load(cent_ptr + half + 2)), mag)
+        if BITS == 4:
+            upper = tl.where(b0, tl.load(cent_ptr + half + 5), tl.load(cent_ptr + half + 4))
+            upper = tl.where(b1, tl.where(b0, tl.load(cent_ptr + half + 7), tl.load(cent_ptr + half + 6)), upper)
+            mag = tl.where((i & 4) != 0, upper, mag)
+        return tl.where(top != 0, mag, -mag)
     else:
         return tl.load(cent_ptr + code)
 
@@ -58,7 +71,7 @@ def load_levels(
 ):
     """``(ROWS, WIDTH)`` centroid levels ``c[k]`` of packed rows, 0 past ``count``."""
     j = tl.arange(0, WIDTH)[None, :]
-    code = gather_codes(row_ptr, j, row_mask[:, None] & (j < count), n_bytes, BITS)
+    code = read_codes(row_ptr, row_mask, n_bytes, BITS, ROWS, WIDTH)
     return mma_operand(tl.where(j < count, centroid_levels(code, cent_ptr, BITS), 0.0).to(DTYPE))
 
 
@@ -74,7 +87,7 @@ def load_signs(
 ):
     """``(ROWS, WIDTH)`` signs ``z in {-1, +1}``, 0 past ``m``."""
     j = tl.arange(0, WIDTH)[None, :]
-    bit = gather_codes(row_ptr, j, row_mask[:, None] & (j < m), n_bytes, 1)
+    bit = read_codes(row_ptr, row_mask, n_bytes, 1, ROWS, WIDTH)
     return mma_operand(tl.where(j < m, 2.0 * bit.to(DTYPE) - 1.0, 0.0).to(DTYPE))
 
 

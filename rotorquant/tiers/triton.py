@@ -24,6 +24,8 @@ import functools
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 try:
     import torch
     import triton
@@ -124,6 +126,11 @@ def _rotor_weights(blocks, dim: int, block_d: int, transpose: bool) -> torch.Ten
 @functools.lru_cache(maxsize=64)
 def _tables(params: QuantParams, device: torch.device, dtype: torch.dtype) -> _Tables:
     spec = params.spec
+    if not np.array_equal(params.centroids, -params.centroids[::-1]):
+        raise ValueError(
+            "params.centroids: expected an antisymmetric codebook, c[k] = -c[2**bits - 1 - k] exactly (as "
+            "build_params makes it; the kernels decode the lower half from the upper), got an asymmetric one"
+        )
     d, bd = spec.dim, _pow2(spec.dim)
     rot = torch.tensor(params.rotation_matrix(), dtype=torch.float64)
     if params.rotation is not None:

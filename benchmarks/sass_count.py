@@ -1,0 +1,129 @@
+"""Static instruction counts of the decode-attention key loop, compiled for an sm_90 GPU without one.
+
+Run from the repository root on any machine with Triton's bundled ptxas (no GPU needed, and not
+under ``TRITON_INTERPRET``):
+
+    PYTHONPATH=. python benchmarks/sass_count.py            # bits 2, 3, 4
+
+The tier's real launch of `rotorquant.kernels.attention.attention_split_kernel` for the benchmark's
+setting (batch 8, 32 query heads, 8 KV heads, head_dim 128, float16 queries, K and V at the same
+bits) is recorded instead of run, compiled ahead of time for sm_90 with the same constexprs, and
+disassembled with Triton's nvdisasm. The key loop is the body between the loop label and its
+backward branch; one pass handles ``BLOCK_N`` keys x 128 coordinates of K and of V, so
+
+    instructions per code = loop instructions x threads / (2 x BLOCK_N x 128)
+
+is what each unpacked 3-bit code costs in issued instructions. This is a count, not a time: it says
+nothing about memory stalls or occupancy. `benchmarks/gpu_speed.py` measures time on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    raise SystemExit("sass_count.py: unset TRITON_INTERPRET (it compiles for a GPU, it runs nothing)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.tools.disasm import get_sass  # noqa: E402
+
+import rotorquant as rq  # noqa: E402
+from rotorquant.tiers import triton as tt  # noqa: E402
+
+POINTERS = {torch.float32: "*fp32", torch.float16: "*fp16", torch.uint8: "*u8", torch.int32: "*i32"}
+CONTEXT = 4096  # keys per sequence (the loop body does not depend on it)
+
+
+class Recorder:
+    """Stands in for a kernel: keeps the signature and options of its launch instead of running it."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, num_warps, num_stages=None, **kwargs):
+            bound = {**dict(zip(self.fn.arg_names, args)), **kwargs}
+            sig, constexprs = {}, {}
+            for i, p in enumerate(self.fn.params):
+                v = bound[p.name]
+                if p.is_constexpr:
+                    sig[p.name], constexprs[(i,)] = "constexpr", v
+                elif isinstance(v, torch.Tensor):
+                    sig[p.name] = POINTERS[v.dtype]
+                else:
+                    sig[p.name] = "fp32" if isinstance(v, float) else "i32"
+            options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+            self.launches.append((sig, constexprs, options))
+
+        return launch
+
+
+SPLIT = Recorder(tt.attention_split_kernel)
+tt.attention_split_kernel, tt.attention_combine_kernel = SPLIT, Recorder(tt.attention_combine_kernel)
+tt._multiprocessors = lambda device: 132  # an H100/H200
+
+
+def record_attention(bits: int) -> tuple:
+    """``(signature, constexprs, options)`` of the split kernel's launch for the benchmark's shapes
+    (CPU tensors stand in for CUDA ones; nothing runs)."""
+    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=bits))
+    spec = params.spec
+    code = rq.Compressed(
+        codes=torch.zeros(8, 8, CONTEXT, spec.code_bytes, dtype=torch.uint8),
+        norms=torch.ones(8, 8, CONTEXT),
+        spec=spec,
+        dtype="float16",
+    )
+    q = torch.zeros(8, 32, 1, 128, dtype=torch.float16)
+    lens = torch.full((8,), CONTEXT, dtype=torch.int32)
+    SPLIT.launches.clear()
+    tt._attention_launch(q, code, code, params, params, scale=None, lens=lens)
+    return SPLIT.launches[0]
+
+
+def loop_body(sass: str) -> list[str]:
+    """Instructions between the label of the longest backward branch and that branch."""
+    lines = sass.splitlines()
+    labels = {line[:-1]: i for i, line in enumerate(lines) if re.fullmatch(r"\w+:", line)}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA (\w+);", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > len(best):
+            best = [x for x in lines[labels[m.group(1)] + 1 : i + 1] if ";" in x]
+    return best
+
+
+def opcode(line: str) -> str:
+    text = line.split("\t")[-1]
+    text = re.sub(r"^@!?U?P\w+\s+", "", text)
+    return text.split()[0].split(".")[0].rstrip(";")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths (default 2,3,4)")
+    args = parser.parse_args()
+    print("| bits | BLOCK_N | warps | loop instructions | per code (K and V) | most frequent |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for bits in (int(b) for b in args.bits.split(",")):
+        sig, constexprs, options = record_attention(bits)
+        kernel = triton.compile(
+            ASTSource(fn=SPLIT.fn, signature=sig, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options=options,
+        )
+        body = loop_body(get_sass(kernel.asm["cubin"]))
+        block_n = constexprs[(list(sig).index("BLOCK_N"),)]
+        per_code = len(body) * options["num_warps"] * 32 / (2 * block_n * 128)
+        common = ", ".join(f"{op} {n}" for op, n in collections.Counter(map(opcode, body)).most_common(5))
+        print(f"| {bits} | {block_n} | {options['num_warps']} | {len(body)} | {per_code:.1f} | {common} |")
+
+
+if __name__ == "__main__":
+    main()
