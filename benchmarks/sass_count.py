@@ -36,12 +36,16 @@ from triton.tools.disasm import get_sass  # noqa: E402
 import rotorquant as rq  # noqa: E402
 from rotorquant.tiers import triton as tt  # noqa: E402
 
-POINTERS = {torch.float32: "*fp32", torch.float16: "*fp16", torch.uint8: "*u8", torch.int32: "*i32"}
+POINTERS = {
+    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
+    torch.uint8: "*u8", torch.int32: "*i32",
+}  # fmt: skip
 CONTEXT = 4096  # keys per sequence (the loop body does not depend on it)
 
 
 class Recorder:
-    """Stands in for a kernel: keeps the signature and options of its launch instead of running it."""
+    """Stands in for a kernel: keeps the signature and options of every launch instead of running it
+    (``tests/test_triton_tier.py`` uses it to compile every kernel variant the tier launches)."""
 
     def __init__(self, fn):
         self.fn, self.launches = fn, []
@@ -64,9 +68,11 @@ class Recorder:
         return launch
 
 
-SPLIT = Recorder(tt.attention_split_kernel)
-tt.attention_split_kernel, tt.attention_combine_kernel = SPLIT, Recorder(tt.attention_combine_kernel)
-tt._multiprocessors = lambda device: 132  # an H100/H200
+def compile_for_sm90(fn, sig: dict, constexprs: dict, options: dict):
+    """``fn`` compiled ahead of time for an sm_90 GPU with Triton's bundled ptxas."""
+    return triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=options
+    )
 
 
 def record_attention(bits: int) -> tuple:
@@ -82,9 +88,15 @@ def record_attention(bits: int) -> tuple:
     )
     q = torch.zeros(8, 32, 1, 128, dtype=torch.float16)
     lens = torch.full((8,), CONTEXT, dtype=torch.int32)
-    SPLIT.launches.clear()
-    tt._attention_launch(q, code, code, params, params, scale=None, lens=lens)
-    return SPLIT.launches[0]
+    split, combine, sms = tt.attention_split_kernel, tt.attention_combine_kernel, tt._multiprocessors
+    recorder = Recorder(split)
+    tt.attention_split_kernel, tt.attention_combine_kernel = recorder, Recorder(combine)
+    tt._multiprocessors = lambda device: 132  # an H100/H200
+    try:
+        tt._attention_launch(q, code, code, params, params, scale=None, lens=lens)
+    finally:
+        tt.attention_split_kernel, tt.attention_combine_kernel, tt._multiprocessors = split, combine, sms
+    return recorder.launches[0]
 
 
 def loop_body(sass: str) -> list[str]:
@@ -113,11 +125,7 @@ def main() -> None:
     print("|---:|---:|---:|---:|---:|---|")
     for bits in (int(b) for b in args.bits.split(",")):
         sig, constexprs, options = record_attention(bits)
-        kernel = triton.compile(
-            ASTSource(fn=SPLIT.fn, signature=sig, constexprs=constexprs),
-            target=GPUTarget("cuda", 90, 32),
-            options=options,
-        )
+        kernel = compile_for_sm90(tt.attention_split_kernel, sig, constexprs, options)
         body = loop_body(get_sass(kernel.asm["cubin"]))
         block_n = constexprs[(list(sig).index("BLOCK_N"),)]
         per_code = len(body) * options["num_warps"] * 32 / (2 * block_n * 128)

@@ -362,35 +362,18 @@ def test_attention_half_precision_error_budget(dtype):
 # ---------------------------------------------------------------------------- real-GPU compilation
 
 _AOT_SCRIPT = r"""
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import sys
+import torch
+sys.path.insert(0, "benchmarks")
+from sass_count import Recorder, compile_for_sm90
 import rotorquant as rq
 from rotorquant.tiers import triton as tt
 
-PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
-       torch.uint8: "*u8", torch.int32: "*i32"}
-launches = {}
-
-class Record:  # stands in for a kernel: keeps the signature of every launch instead of running it
-    def __init__(self, fn):
-        self.fn = fn
-    def __getitem__(self, grid):
-        def launch(*args, num_warps, **kwargs):
-            bound = {**dict(zip(self.fn.arg_names, args)), **kwargs}
-            sig, constexprs = {}, {}
-            for i, p in enumerate(self.fn.params):
-                v = bound[p.name]
-                if p.is_constexpr:
-                    sig[p.name], constexprs[(i,)] = "constexpr", v
-                else:
-                    sig[p.name] = PTR[v.dtype] if isinstance(v, torch.Tensor) else "fp32" if isinstance(v, float) else "i32"
-            launches[repr((self.fn.__name__, sig, constexprs, num_warps))] = (self.fn, sig, constexprs, num_warps)
-        return launch
-
 tt._check_device = lambda *a: None  # CPU tensors stand in for CUDA ones; nothing runs
-for name in ("quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_split_kernel", "attention_combine_kernel"):
-    setattr(tt, name, Record(getattr(tt, name)))
+names = ("quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_split_kernel", "attention_combine_kernel")
+recorders = [Recorder(getattr(tt, name)) for name in names]
+for name, recorder in zip(names, recorders):
+    setattr(tt, name, recorder)
 
 def drive(dtype, **kw):
     p = rq.build_params(rq.QuantizerSpec(**kw))
@@ -408,9 +391,9 @@ drive(torch.float16, dim=128, bits=3)
 drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
 drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
 drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
-for fn, sig, constexprs, warps in launches.values():
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps})
+variants = {repr((r.fn.__name__, launch)): (r.fn, launch) for r in recorders for launch in r.launches}
+for fn, (sig, constexprs, options) in variants.values():
+    k = compile_for_sm90(fn, sig, constexprs, options)
     print(fn.__name__, "shared", k.metadata.shared)
 """
 
