@@ -1,20 +1,24 @@
-"""Static instruction counts of the decode-attention key loop, compiled for an sm_90 GPU without one.
+"""Static instruction counts of the attention key loop and of quantize, compiled for an sm_90 GPU without one.
 
 Run from the repository root on any machine with Triton's bundled ptxas (no GPU needed, and not
 under ``TRITON_INTERPRET``):
 
     PYTHONPATH=. python benchmarks/sass_count.py            # bits 2, 3, 4
 
-The tier's real launch of `rotorquant.kernels.attention.attention_split_kernel` for the benchmark's
-setting (batch 8, 32 query heads, 8 KV heads, head_dim 128, float16 queries, K and V at the same
-bits) is recorded instead of run, compiled ahead of time for sm_90 with the same constexprs, and
-disassembled with Triton's nvdisasm. The key loop is the body between the loop label and its
-backward branch; one pass handles ``BLOCK_N`` keys x 128 coordinates of K and of V, so
+The tier's real launches for the GPU benchmark's settings are recorded instead of run, compiled
+ahead of time for sm_90 with the same constexprs, and disassembled with Triton's nvdisasm:
 
-    instructions per code = loop instructions x threads / (2 x BLOCK_N x 128)
+- `rotorquant.kernels.attention.attention_split_kernel` (batch 8, 32 query heads, 8 KV heads,
+  head_dim 128, float16 queries, K and V at the same bits). The key loop is the body between the
+  loop label and its backward branch; one pass handles ``BLOCK_N`` keys x 128 coordinates of K and
+  of V, so ``per code = loop instructions x threads / (2 x BLOCK_N x 128)`` is what each unpacked
+  code costs in issued instructions.
+- `rotorquant.kernels.quantize.quantize_kernel` (16384 float16 vectors, d = 128, 3 bits): the
+  instructions up to the kernel's last ``EXIT`` (the out-of-line slow paths of division and square
+  root are not counted), and ``per coordinate = instructions x threads / (BLOCK_N x 128)``.
 
-is what each unpacked 3-bit code costs in issued instructions. This is a count, not a time: it says
-nothing about memory stalls or occupancy. `benchmarks/gpu_speed.py` measures time on a GPU.
+These are counts, not times: they say nothing about latency, memory stalls or occupancy.
+`benchmarks/gpu_speed.py` measures time on a GPU.
 """
 
 from __future__ import annotations
@@ -99,6 +103,25 @@ def record_attention(bits: int) -> tuple:
     return recorder.launches[0]
 
 
+def record_quantize(rotation: str) -> tuple:
+    """``(signature, constexprs, options)`` of `quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits."""
+    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation))
+    kernel = tt.quantize_kernel
+    tt.quantize_kernel = recorder = Recorder(kernel)
+    try:
+        tt._quantize_rows(torch.zeros(16384, 128, dtype=torch.float16), params)
+    finally:
+        tt.quantize_kernel = kernel
+    return recorder.launches[0]
+
+
+def kernel_body(sass: str) -> list[str]:
+    """Instructions up to the last ``EXIT`` (what follows are out-of-line subroutines)."""
+    lines = [line for line in sass.splitlines() if ";" in line]
+    last = max(i for i, line in enumerate(lines) if re.search(r"\bEXIT\b", line))
+    return lines[: last + 1]
+
+
 def loop_body(sass: str) -> list[str]:
     """Instructions between the label of the longest backward branch and that branch."""
     lines = sass.splitlines()
@@ -117,20 +140,38 @@ def opcode(line: str) -> str:
     return text.split()[0].split(".")[0].rstrip(";")
 
 
+def _common(body: list[str]) -> str:
+    return ", ".join(f"{op} {n}" for op, n in collections.Counter(map(opcode, body)).most_common(5))
+
+
+def _constexpr(sig: dict, constexprs: dict, name: str):
+    return constexprs[(list(sig).index(name),)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths (default 2,3,4)")
+    parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for attention (default 2,3,4)")
     args = parser.parse_args()
+    print("Attention key loop (attention_split_kernel)\n")
     print("| bits | BLOCK_N | warps | loop instructions | per code (K and V) | most frequent |")
     print("|---:|---:|---:|---:|---:|---|")
     for bits in (int(b) for b in args.bits.split(",")):
         sig, constexprs, options = record_attention(bits)
         kernel = compile_for_sm90(tt.attention_split_kernel, sig, constexprs, options)
         body = loop_body(get_sass(kernel.asm["cubin"]))
-        block_n = constexprs[(list(sig).index("BLOCK_N"),)]
+        block_n = _constexpr(sig, constexprs, "BLOCK_N")
         per_code = len(body) * options["num_warps"] * 32 / (2 * block_n * 128)
-        common = ", ".join(f"{op} {n}" for op, n in collections.Counter(map(opcode, body)).most_common(5))
-        print(f"| {bits} | {block_n} | {options['num_warps']} | {len(body)} | {per_code:.1f} | {common} |")
+        print(f"| {bits} | {block_n} | {options['num_warps']} | {len(body)} | {per_code:.1f} | {_common(body)} |")
+    print("\nQuantize (quantize_kernel), 3 bits\n")
+    print("| rotation | vectors per program | warps | instructions | per coordinate | most frequent |")
+    print("|---|---:|---:|---:|---:|---|")
+    for rotation in ("rotor", "dense"):
+        sig, constexprs, options = record_quantize(rotation)
+        kernel = compile_for_sm90(tt.quantize_kernel, sig, constexprs, options)
+        body = kernel_body(get_sass(kernel.asm["cubin"]))
+        block_n = _constexpr(sig, constexprs, "BLOCK_N")
+        per_coord = len(body) * options["num_warps"] * 32 / (block_n * 128)
+        print(f"| {rotation} | {block_n} | {options['num_warps']} | {len(body)} | {per_coord:.1f} | {_common(body)} |")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ half-precision attention, and the import / device errors.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,6 +26,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 from rotorquant.tiers import numpy as ref  # noqa: E402
 from rotorquant.tiers import triton as tt  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from rotorquant.kernels.quantize import nearest_code  # noqa: E402
+from rotorquant.kernels.scores import centroid_levels  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cpu" if tt.INTERPRETING else "cuda"
@@ -122,6 +127,45 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error():
 
 
 # ---------------------------------------------------------------------------- quantize / dequantize
+
+
+@triton.jit
+def _nearest_and_level_kernel(
+    y_ptr,  # (n,) float32 coordinates
+    bnd_ptr,  # (2**BITS - 1,) float32 boundaries
+    cent_ptr,  # (2**BITS,) float32 centroids
+    code_ptr,  # (n,) int32 output: nearest_code(y)
+    level_ptr,  # (n,) float32 output: centroid_levels(code)
+    n,  # number of coordinates
+    BITS: tl.constexpr,  # bits per code
+    BLOCK: tl.constexpr,  # power of two >= n
+):
+    i = tl.arange(0, BLOCK)
+    ok = i < n
+    code = nearest_code(tl.load(y_ptr + i, mask=ok, other=0.0), bnd_ptr, BITS)
+    tl.store(code_ptr + i, code, mask=ok)
+    tl.store(level_ptr + i, centroid_levels(code, cent_ptr, BITS), mask=ok)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_nearest_code_ties_and_centroid_levels(bits):
+    """The kernels' code search and level lookup on their own: every boundary, the floats next to it, and
+    +-0 get ``#{i : y >= b[i]}`` (ties go up, as in the reference), and every code maps to its centroid."""
+    params = _spec(dim=16, bits=bits)
+    b = params.boundaries.astype(np.float32)
+    y = np.concatenate([b, np.nextafter(b, -np.inf), np.nextafter(b, np.inf), [0.0, -0.0, -3.0, 3.0]])
+    y = y.astype(np.float32)
+    n = y.size
+    code = torch.empty(n, dtype=torch.int32, device=DEVICE)
+    level = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    as_dev = lambda a: torch.tensor(a, dtype=torch.float32, device=DEVICE)  # noqa: E731
+    _nearest_and_level_kernel[(1,)](
+        as_dev(y), as_dev(b), as_dev(params.centroids), code, level, n, BITS=bits, BLOCK=triton.next_power_of_2(n)
+    )
+    want = np.searchsorted(b, y, side="right")
+    np.testing.assert_array_equal(_np(code).astype(int), want)
+    np.testing.assert_array_equal(_np(level), params.centroids.astype(np.float32)[want])
 
 
 @needs_kernels
@@ -359,6 +403,39 @@ def test_attention_half_precision_error_budget(dtype):
     assert np.all(np.abs(_np(got) - want) <= budget)
 
 
+def _one_byte_off(t):
+    """A copy of the uint8 tensor ``t`` whose data starts one byte past a 4-byte boundary."""
+    buf = torch.zeros(t.numel() + 1, dtype=torch.uint8, device=t.device)
+    moved = buf[1:].view(t.shape)
+    moved.copy_(t)
+    return moved
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits, qjl", [(1, False), (2, True), (3, False), (3, True), (4, True)])
+def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl):
+    """At d = 64 every packed row is whole 32-bit words, so aligned payloads are read as words; the same
+    bytes one byte off alignment are read byte by byte. Both give the reference's values, scores and
+    attention."""
+    params = _spec(dim=64, bits=bits, qjl=qjl, qjl_dim=32)
+    code = tt.quantize(_data((2, 2, 40, 64), seed=40), params)
+    moved = dataclasses.replace(
+        code, codes=_one_byte_off(code.codes), qjl_signs=_one_byte_off(code.qjl_signs) if qjl else None
+    )
+    assert tt._words(code.codes) and not tt._words(moved.codes)
+    q = _data((2, 4, 3, 64), seed=41)
+    same = _as_reference_code(code, params)
+    want_values = ref.dequantize(same, params)
+    want_scores = ref.scores(_np(q[:, :2]), same, params)
+    want_attention = ref.attention(_np(q), same, same, params, params)
+    for c in (code, moved):
+        got_values, got_scores = tt.dequantize(c, params), tt.scores(q[:, :2], c, params)
+        np.testing.assert_allclose(_np(got_values), want_values, atol=1e-6 * np.abs(want_values).max())
+        np.testing.assert_allclose(_np(got_scores), want_scores, atol=2e-5 * np.abs(want_scores).max())
+        got = tt.attention(q, c, c, params, params)
+        np.testing.assert_allclose(_np(got), want_attention, atol=2e-5 * np.abs(want_attention).max())
+
+
 # ---------------------------------------------------------------------------- real-GPU compilation
 
 _AOT_SCRIPT = r"""
@@ -391,6 +468,7 @@ drive(torch.float16, dim=128, bits=3)
 drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
 drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
 drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
+drive(torch.float16, dim=64, bits=4, qjl=True, qjl_dim=32)
 variants = {repr((r.fn.__name__, launch)): (r.fn, launch) for r in recorders for launch in r.launches}
 for fn, (sig, constexprs, options) in variants.values():
     k = compile_for_sm90(fn, sig, constexprs, options)
@@ -423,7 +501,8 @@ def test_kernels_compile_for_a_gpu(tmp_path):
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="triton's bundled ptxas is missing")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 on machines without a GPU")
 def test_sass_count_benchmark_finds_the_key_loop(tmp_path):
-    """`benchmarks/sass_count.py` compiles the attention launch for sm_90 and reports its key loop."""
+    """`benchmarks/sass_count.py` compiles the attention and quantize launches for sm_90 and reports the
+    attention key loop and the quantize kernel, with per-code figures that follow from the counts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _pythonpath()
     env["TRITON_CACHE_DIR"] = str(tmp_path)
@@ -434,3 +513,9 @@ def test_sass_count_benchmark_finds_the_key_loop(tmp_path):
     assert len(row) == 1, done.stdout
     bits, block_n, warps, loop, per_code = (cell.strip() for cell in row[0].split("|")[1:6])
     assert int(loop) > 100 and float(per_code) == pytest.approx(int(loop) * int(warps) * 32 / (2 * int(block_n) * 128), abs=0.05)
+    for rotation in ("rotor", "dense"):
+        row = [line for line in done.stdout.splitlines() if line.startswith(f"| {rotation} |")]
+        assert len(row) == 1, done.stdout
+        block_n, warps, count, per_coord = (cell.strip() for cell in row[0].split("|")[2:6])
+        want = int(count) * int(warps) * 32 / (int(block_n) * 128)
+        assert int(count) > 100 and float(per_coord) == pytest.approx(want, abs=0.05)

@@ -82,6 +82,7 @@ def attention_split_kernel(
     BLOCK_DV: tl.constexpr,  # power of two >= max(dv, 16)
     BLOCK_MK: tl.constexpr,  # power of two >= max(mk, 16)
     BLOCK_MV: tl.constexpr,  # power of two >= max(mv, 16)
+    WORDS: tl.constexpr,  # packed rows (K and V codes and signs) start 4-byte aligned, whole 32-bit words long
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -112,12 +113,15 @@ def attention_split_kernel(
         key = bh * N + keys
         # logits of this key block (base 2)
         level = load_levels(
-            k_codes_ptr + key * k_code_bytes, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS, BLOCK_N, BLOCK_DK, DOT_DTYPE
-        )
+            k_codes_ptr + key * k_code_bytes, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS,
+            BLOCK_N, BLOCK_DK, DOT_DTYPE, WORDS,
+        )  # fmt: skip
         kn = tl.load(k_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
         t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * q_max[:, None] * kn[None, :]
         if K_QJL:
-            z = load_signs(k_signs_ptr + key * k_sign_bytes, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE)
+            z = load_signs(
+                k_signs_ptr + key * k_sign_bytes, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, WORDS
+            )
             rho = tl.load(k_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
             t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
         t = tl.where(k_ok[None, :], t, float("-inf"))
@@ -129,15 +133,18 @@ def attention_split_kernel(
         mx = mx_new
         # values, in V's rotated domain
         vlevel = load_levels(
-            v_codes_ptr + key * v_code_bytes, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS, BLOCK_N, BLOCK_DV, DOT_DTYPE
-        )
+            v_codes_ptr + key * v_code_bytes, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS,
+            BLOCK_N, BLOCK_DV, DOT_DTYPE, WORDS,
+        )  # fmt: skip
         vn = tl.load(v_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
         v_big = tl.max(vn, axis=0)
         v_big = tl.where(v_big > 0, v_big, 1.0)
         pv = (p * (vn / v_big)[None, :]).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(pv, vlevel, input_precision=DOT_PRECISION) * v_big
         if V_QJL:
-            vz = load_signs(v_signs_ptr + key * v_sign_bytes, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE)
+            vz = load_signs(
+                v_signs_ptr + key * v_sign_bytes, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, WORDS
+            )
             vrho = tl.load(v_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
             r_big = tl.max(vrho, axis=0)
             r_big = tl.where(r_big > 0, r_big, 1.0)

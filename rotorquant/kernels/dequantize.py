@@ -39,6 +39,7 @@ def dequantize_kernel(
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # output coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
+    WORDS: tl.constexpr,  # packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
@@ -47,10 +48,10 @@ def dequantize_kernel(
     code_rows = codes_ptr + rows64 * code_bytes
     s = tl.load(norms_ptr + rows, mask=row_ok, other=0.0).to(CDT)
     if DENSE:
-        level = load_levels(code_rows, row_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, CDT)
+        level = load_levels(code_rows, row_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, CDT, WORDS)
     if QJL:
         mcols = tl.arange(0, BLOCK_M)
-        z = load_signs(signs_ptr + rows64 * sign_bytes, row_ok, sign_bytes, m, BLOCK_N, BLOCK_M, CDT)
+        z = load_signs(signs_ptr + rows64 * sign_bytes, row_ok, sign_bytes, m, BLOCK_N, BLOCK_M, CDT, WORDS)
         rho = tl.load(res_norms_ptr + rows, mask=row_ok, other=0.0).to(CDT)
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)

@@ -9,7 +9,7 @@ One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for f
     s = ||x||, u = x / s, since their squares can neither overflow nor underflow float32)
     y = Rot(u)            rotor:  y_c = sum_i W[i, c] * u[3*(c//3) + i]    (3x3 blocks, O(d))
                           dense:  y = u @ R^T                              (tl.dot, O(d^2))
-    k_c = #{i : y_c >= boundaries[i]}                                (compares; binary search > 4 bits)
+    k_c = #{i : y_c >= boundaries[i]}       (binary search; boundaries picked by selects up to 4 bits)
     stored norm = s, or s / ||c[k]|| with norm correction
     QJL:  S r = s * (S Rot^T) (y - c[k]),  ||r|| = s * ||y - c[k]||   (the rotation is orthogonal)
 
@@ -25,18 +25,44 @@ from .scores import centroid_levels
 
 
 @triton.jit
+def _boundary(
+    bnd_ptr,  # pointer to the ascending CDT boundaries
+    I: tl.constexpr,  # index
+):
+    return tl.load(bnd_ptr + I)
+
+
+@triton.jit
 def nearest_code(
     y,  # (ROWS, COLS) float32 rotated coordinates
-    bnd_ptr,  # pointer to the 2**BITS - 1 ascending CDT boundaries
+    bnd_ptr,  # pointer to the 2**BITS - 1 ascending CDT boundaries b
     BITS: tl.constexpr,  # bits per code
 ):
-    """``#{i : y >= boundaries[i]}``: counted against every boundary (held in registers) up to 4 bits;
-    by binary search beyond (equal, since the boundaries ascend; BITS dependent table reads)."""
-    code = tl.zeros(y.shape, dtype=tl.int32)
+    """``#{i : y >= b[i]}`` by binary search, which equals the count since the boundaries ascend: bit
+    ``t`` of the code (from the top) is ``y >= b[code_so_far + 2**t - 1]``. Up to 4 bits the boundary
+    each step compares against is picked from registers by a tree of selects on the bits found so
+    far; beyond, it is read from the table (BITS dependent reads)."""
     if BITS <= 4:
-        for i in tl.static_range((1 << BITS) - 1):
-            code += (y >= tl.load(bnd_ptr + i)).to(tl.int32)
+        p_top = y >= _boundary(bnd_ptr, (1 << (BITS - 1)) - 1)
+        code = p_top.to(tl.int32) << (BITS - 1)
+        if BITS >= 2:  # code so far: 0 or 2**(BITS-1)
+            q = 1 << (BITS - 2)
+            p1 = y >= tl.where(p_top, _boundary(bnd_ptr, 3 * q - 1), _boundary(bnd_ptr, q - 1))
+            code += p1.to(tl.int32) << (BITS - 2)
+        if BITS >= 3:  # code so far: a multiple of 2**(BITS-2)
+            e = 1 << (BITS - 3)
+            low = tl.where(p1, _boundary(bnd_ptr, 3 * e - 1), _boundary(bnd_ptr, e - 1))
+            high = tl.where(p1, _boundary(bnd_ptr, 7 * e - 1), _boundary(bnd_ptr, 5 * e - 1))
+            p2 = y >= tl.where(p_top, high, low)
+            code += p2.to(tl.int32) << (BITS - 3)
+        if BITS == 4:  # code so far: even; compare against b[code + 0], i.e. b[2j] for j = code // 2
+            b_lo = tl.where(p2, tl.where(p1, _boundary(bnd_ptr, 6), _boundary(bnd_ptr, 2)),
+                            tl.where(p1, _boundary(bnd_ptr, 4), _boundary(bnd_ptr, 0)))
+            b_hi = tl.where(p2, tl.where(p1, _boundary(bnd_ptr, 14), _boundary(bnd_ptr, 10)),
+                            tl.where(p1, _boundary(bnd_ptr, 12), _boundary(bnd_ptr, 8)))
+            code += (y >= tl.where(p_top, b_hi, b_lo)).to(tl.int32)
     else:
+        code = tl.zeros(y.shape, dtype=tl.int32)
         for t in tl.static_range(BITS):
             cand = code + (1 << (BITS - 1 - t))  # in 1 .. 2**BITS - 1: always a valid boundary index + 1
             code = tl.where(y >= tl.load(bnd_ptr + cand - 1), cand, code)

@@ -20,17 +20,18 @@ def centroid_levels(
     code,  # int32 codes in [0, 2**BITS)
     cent_ptr,  # (2**BITS,) CDT centroids, antisymmetric: c[2**BITS - 1 - k] = -c[k] (checked on the host)
     BITS: tl.constexpr,  # bits per code
+    SIGN_MAGNITUDE: tl.constexpr = False,  # codes come in `read_codes`'s sign-magnitude form (low bits pre-flipped)
 ):
     """``c[code]``. Up to 4 bits from registers, with no per-code memory access: the top bit is the
     sign, ``c[k] = -c[2**BITS - 1 - k]`` for the lower half, and the magnitude index ``i`` (the low
-    bits, flipped for the lower half) picks one of the ``2**(BITS-1)`` upper levels by a binary tree of
-    selects on its bits. Wider codes gather from the table."""
+    bits, flipped for the lower half unless the reader already did) picks one of the ``2**(BITS-1)``
+    upper levels by a binary tree of selects on its bits. Wider codes gather from the table."""
     if BITS == 1:
         return tl.where(code != 0, tl.load(cent_ptr + 1), tl.load(cent_ptr))
     elif BITS <= 4:
         half: tl.constexpr = 1 << (BITS - 1)
         top = code >> (BITS - 1)  # 1 for the upper (positive) half
-        i = (code ^ (top - 1)) & (half - 1)  # the magnitude's index among c[half:]
+        i = code if SIGN_MAGNITUDE else code ^ (top - 1)  # low bits: the magnitude's index among c[half:]
         b0 = (i & 1) != 0
         mag = tl.where(b0, tl.load(cent_ptr + half + 1), tl.load(cent_ptr + half))
         if BITS >= 3:
@@ -68,11 +69,15 @@ def load_levels(
     ROWS: tl.constexpr,  # rows in the tile
     WIDTH: tl.constexpr,  # power of two >= max(count, 16)
     DTYPE: tl.constexpr,  # dtype of the result (float32, or float16 for tensor-core dots)
+    WORDS: tl.constexpr,  # rows start 4-byte aligned and n_bytes % 4 == 0: read 32-bit words
 ):
     """``(ROWS, WIDTH)`` centroid levels ``c[k]`` of packed rows, 0 past ``count``."""
     j = tl.arange(0, WIDTH)[None, :]
-    code = read_codes(row_ptr, row_mask, n_bytes, BITS, ROWS, WIDTH)
-    return mma_operand(tl.where(j < count, centroid_levels(code, cent_ptr, BITS), 0.0).to(DTYPE))
+    # 3 and 4 bits: flip the magnitude bits of 8 codes per word operation (benchmarks/sass_count.py: 2 bits
+    # compile to fewer instructions flipping each code)
+    sm: tl.constexpr = BITS == 3 or BITS == 4
+    code = read_codes(row_ptr, row_mask, n_bytes, BITS, ROWS, WIDTH, WORDS, sm)
+    return mma_operand(tl.where(j < count, centroid_levels(code, cent_ptr, BITS, sm), 0.0).to(DTYPE))
 
 
 @triton.jit
@@ -84,10 +89,11 @@ def load_signs(
     ROWS: tl.constexpr,  # rows in the tile
     WIDTH: tl.constexpr,  # power of two >= max(m, 16)
     DTYPE: tl.constexpr,  # dtype of the result (float32, or float16 for tensor-core dots)
+    WORDS: tl.constexpr,  # rows start 4-byte aligned and n_bytes % 4 == 0: read 32-bit words
 ):
     """``(ROWS, WIDTH)`` signs ``z in {-1, +1}``, 0 past ``m``."""
     j = tl.arange(0, WIDTH)[None, :]
-    bit = read_codes(row_ptr, row_mask, n_bytes, 1, ROWS, WIDTH)
+    bit = read_codes(row_ptr, row_mask, n_bytes, 1, ROWS, WIDTH, WORDS)
     return mma_operand(tl.where(j < m, 2.0 * bit.to(DTYPE) - 1.0, 0.0).to(DTYPE))
 
 
@@ -115,6 +121,7 @@ def scores_kernel(
     BLOCK_N: tl.constexpr,  # keys per program (>= 16)
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
+    WORDS: tl.constexpr,  # packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
 ):
     key_blocks = tl.cdiv(N, BLOCK_N)
     b = (tl.program_id(0) // key_blocks).to(tl.int64)  # grid axis 0: batch x key blocks (no 65535 limit)
@@ -125,13 +132,13 @@ def scores_kernel(
     key = b * N + ki
     q_row = b * M + qi
     q = tl.load(qrot_ptr + q_row[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], mask=q_ok[:, None], other=0.0)
-    level = load_levels(codes_ptr + key * code_bytes, k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, CDT)
+    level = load_levels(codes_ptr + key * code_bytes, k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, CDT, WORDS)
     s = tl.load(norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
     acc = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * s[None, :]
     if QJL:
         mcols = tl.arange(0, BLOCK_M)
         sk = tl.load(qsk_ptr + q_row[:, None] * BLOCK_M + mcols[None, :], mask=q_ok[:, None], other=0.0)
-        z = load_signs(signs_ptr + key * sign_bytes, k_ok, sign_bytes, m, BLOCK_N, BLOCK_M, CDT)
+        z = load_signs(signs_ptr + key * sign_bytes, k_ok, sign_bytes, m, BLOCK_N, BLOCK_M, CDT, WORDS)
         rho = tl.load(res_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
         acc += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * rho[None, :]
     out = out_ptr + q_row[:, None] * N + ki[None, :]

@@ -205,6 +205,12 @@ def _check_code_tensors(name: str, code: Compressed, device: torch.device | None
 
 
 
+def _words(*packed: torch.Tensor) -> bool:
+    """Whether the kernels may read these ``(rows, bytes)`` packed payloads as 32-bit words: every row
+    starts 4-byte aligned and is a whole number of words long (``d * bits`` a multiple of 32)."""
+    return all(t.data_ptr() % 4 == 0 and t.shape[-1] % 4 == 0 for t in packed)
+
+
 def _check_finite(name: str, t: torch.Tensor) -> None:
     checks.check_finite(name, bool(torch.isfinite(t).all()))
 
@@ -323,7 +329,8 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
             signs, spec.sign_bytes, res,
             tab.smat if spec.qjl else tab.centroids, spec.qjl_dim,
             **_kernel_dtypes(compute_dtype(out_dtype)), BITS=spec.mse_bits, DENSE=params.rotation is not None,
-            QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=_WARPS,
+            QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m,
+            WORDS=_words(codes, signs), num_warps=_WARPS,
         )  # fmt: skip
     return out.to(out_dtype).reshape(*lead, spec.dim)
 
@@ -377,7 +384,7 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
             q_rot, q_sk, codes, norms, signs, res, tab.centroids, out,
             big_m, big_n, spec.dim, spec.qjl_dim, spec.code_bytes, spec.sign_bytes,
             **_kernel_dtypes(compute), BITS=spec.mse_bits, QJL=spec.qjl, BLOCK_Q=block_q, BLOCK_N=block_n,
-            BLOCK_D=tab.block_d, BLOCK_M=tab.block_m, num_warps=_WARPS,
+            BLOCK_D=tab.block_d, BLOCK_M=tab.block_m, WORDS=_words(codes, signs), num_warps=_WARPS,
         )  # fmt: skip
     return out.to(q.dtype).reshape(*lead, big_m, big_n)
 
@@ -511,7 +518,7 @@ def _attention_launch(q, k_code, v_code, k_params, v_params, *, scale, lens, spl
         K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl,
         DOT_DTYPE=tl.float16 if half else _kernel_dtypes(compute)["CDT"], **_kernel_dtypes(compute),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
-        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, num_warps=launch.num_warps, **stages,
+        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, WORDS=_words(kc, ks, vc, vs), num_warps=launch.num_warps, **stages,
     )  # fmt: skip
     block_c = 16 if INTERPRETING else min(tv.block_d, max(16, 8192 // tv.block_d))
     attention_combine_kernel[(bh, row_blocks)](
