@@ -146,7 +146,7 @@ def quantize_sweep(n: int, dim: int, bits: int) -> None:
     x = torch.randn(n, dim, device="cuda", dtype=torch.float16)
     print(f"\n## sweep: rotor quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
     print("BLOCK_N | num_warps | GPU us")
-    for block_n, warps in ((16, 2), (16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):
+    for block_n, warps in ((8, 1), (16, 1), (16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 8)):
         t = graph_us(lambda: triton_tier._quantize_rows(x, rotor, block_n=block_n, num_warps=warps), reps=7)
         print(f"{block_n} | {warps} | {t:.1f}")  # nan: the configuration failed (reason printed above)
 

@@ -412,18 +412,18 @@ def _one_byte_off(t):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits, qjl", [(1, False), (2, True), (3, False), (3, True), (4, True)])
-def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl):
-    """At d = 64 every packed row is whole 32-bit words, so aligned payloads are read as words; the same
-    bytes one byte off alignment are read byte by byte. Both give the reference's values, scores and
-    attention."""
-    params = _spec(dim=64, bits=bits, qjl=qjl, qjl_dim=32)
-    code = tt.quantize(_data((2, 2, 40, 64), seed=40), params)
+@pytest.mark.parametrize("bits, qjl, dim", [(1, False, 64), (2, True, 96), (3, False, 160), (3, True, 64), (4, True, 32)])
+def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl, dim):
+    """Packed rows of these dims are whole 32-bit words, so aligned payloads are read as words (at 96 and
+    160 the last 32-code chunks of the padded tile lie past the row and are masked); the same bytes one
+    byte off alignment are read byte by byte. Both give the reference's values, scores and attention."""
+    params = _spec(dim=dim, bits=bits, qjl=qjl, qjl_dim=32)
+    code = tt.quantize(_data((2, 2, 40, dim), seed=40), params)
     moved = dataclasses.replace(
         code, codes=_one_byte_off(code.codes), qjl_signs=_one_byte_off(code.qjl_signs) if qjl else None
     )
     assert tt._words(code.codes) and not tt._words(moved.codes)
-    q = _data((2, 4, 3, 64), seed=41)
+    q = _data((2, 4, 3, dim), seed=41)
     same = _as_reference_code(code, params)
     want_values = ref.dequantize(same, params)
     want_scores = ref.scores(_np(q[:, :2]), same, params)
