@@ -218,7 +218,7 @@ def attention_sweep(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, b
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 65536])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations (BLOCK_N, warps, ...)")
     args = parser.parse_args()

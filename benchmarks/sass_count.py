@@ -141,10 +141,12 @@ def opcode(line: str) -> str:
 
 
 def _common(body: list[str]) -> str:
+    """The five most frequent opcodes of ``body`` with their counts."""
     return ", ".join(f"{op} {n}" for op, n in collections.Counter(map(opcode, body)).most_common(5))
 
 
 def _constexpr(sig: dict, constexprs: dict, name: str):
+    """The value of the launch's constexpr ``name``."""
     return constexprs[(list(sig).index(name),)]
 
 

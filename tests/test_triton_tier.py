@@ -412,7 +412,9 @@ def _one_byte_off(t):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits, qjl, dim", [(1, False, 64), (2, True, 96), (3, False, 160), (3, True, 64), (4, True, 32)])
+@pytest.mark.parametrize(
+    "bits, qjl, dim", [(1, False, 64), (2, True, 96), (3, False, 160), (3, True, 64), (4, False, 64), (5, True, 96)]
+)
 def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl, dim):
     """Packed rows of these dims are whole 32-bit words, so aligned payloads are read as words (at 96 and
     160 the last 32-code chunks of the padded tile lie past the row and are masked); the same bytes one
@@ -468,7 +470,7 @@ drive(torch.float16, dim=128, bits=3)
 drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
 drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
 drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
-drive(torch.float16, dim=64, bits=4, qjl=True, qjl_dim=32)
+drive(torch.float16, dim=64, bits=5, qjl=True, qjl_dim=32)
 variants = {repr((r.fn.__name__, launch)): (r.fn, launch) for r in recorders for launch in r.launches}
 for fn, (sig, constexprs, options) in variants.values():
     k = compile_for_sm90(fn, sig, constexprs, options)
@@ -512,10 +514,11 @@ def test_sass_count_benchmark_finds_the_key_loop(tmp_path):
     row = [line for line in done.stdout.splitlines() if line.startswith("| 3 |")]
     assert len(row) == 1, done.stdout
     bits, block_n, warps, loop, per_code = (cell.strip() for cell in row[0].split("|")[1:6])
-    assert int(loop) > 100 and float(per_code) == pytest.approx(int(loop) * int(warps) * 32 / (2 * int(block_n) * 128), abs=0.05)
+    want = int(loop) * int(warps) * 32 / (2 * int(block_n) * 128)
+    assert int(loop) > 100 and float(per_code) == pytest.approx(want, abs=0.0501)  # printed to 0.1
     for rotation in ("rotor", "dense"):
         row = [line for line in done.stdout.splitlines() if line.startswith(f"| {rotation} |")]
         assert len(row) == 1, done.stdout
         block_n, warps, count, per_coord = (cell.strip() for cell in row[0].split("|")[2:6])
         want = int(count) * int(warps) * 32 / (int(block_n) * 128)
-        assert int(count) > 100 and float(per_coord) == pytest.approx(want, abs=0.05)
+        assert int(count) > 100 and float(per_coord) == pytest.approx(want, abs=0.0501)  # printed to 0.1

@@ -82,7 +82,8 @@ def attention_split_kernel(
     BLOCK_DV: tl.constexpr,  # power of two >= max(dv, 16)
     BLOCK_MK: tl.constexpr,  # power of two >= max(mk, 16)
     BLOCK_MV: tl.constexpr,  # power of two >= max(mv, 16)
-    WORDS: tl.constexpr,  # packed rows (K and V codes and signs) start 4-byte aligned, whole 32-bit words long
+    K_WORDS: tl.constexpr,  # K's packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
+    V_WORDS: tl.constexpr,  # V's packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
 ):
     bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
@@ -114,13 +115,13 @@ def attention_split_kernel(
         # logits of this key block (base 2)
         level = load_levels(
             k_codes_ptr + key * k_code_bytes, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS,
-            BLOCK_N, BLOCK_DK, DOT_DTYPE, WORDS,
+            BLOCK_N, BLOCK_DK, DOT_DTYPE, K_WORDS,
         )  # fmt: skip
         kn = tl.load(k_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
         t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * q_max[:, None] * kn[None, :]
         if K_QJL:
             z = load_signs(
-                k_signs_ptr + key * k_sign_bytes, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, WORDS
+                k_signs_ptr + key * k_sign_bytes, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, K_WORDS
             )
             rho = tl.load(k_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
             t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
@@ -134,7 +135,7 @@ def attention_split_kernel(
         # values, in V's rotated domain
         vlevel = load_levels(
             v_codes_ptr + key * v_code_bytes, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS,
-            BLOCK_N, BLOCK_DV, DOT_DTYPE, WORDS,
+            BLOCK_N, BLOCK_DV, DOT_DTYPE, V_WORDS,
         )  # fmt: skip
         vn = tl.load(v_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
         v_big = tl.max(vn, axis=0)
@@ -143,7 +144,7 @@ def attention_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(pv, vlevel, input_precision=DOT_PRECISION) * v_big
         if V_QJL:
             vz = load_signs(
-                v_signs_ptr + key * v_sign_bytes, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, WORDS
+                v_signs_ptr + key * v_sign_bytes, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, V_WORDS
             )
             vrho = tl.load(v_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
             r_big = tl.max(vrho, axis=0)

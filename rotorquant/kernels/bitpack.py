@@ -8,8 +8,9 @@ group of 8 codes is one little-endian integer of ``8*b <= 64`` bits:
 
 Reading whole rows (`read_codes`): each group's ``word_g`` is assembled from its ``b`` bytes
 (``b/8`` loads per code), or, for ``b <= 4`` when every row starts 4-byte aligned and is whole
-32-bit words long (``WORDS``: ``d*b`` a multiple of 32, as at d = 128), from the ``b`` words of
-each chunk of 32 codes (``b/32`` loads per code), where a group lies in one word or straddles two:
+32-bit words long (``WORDS``: ``ceil(d*b/8)`` a multiple of 4 bytes, as at d = 128), from the ``b``
+words of each chunk of 32 codes (``b/32`` loads per code), where a group lies in one word or
+straddles two:
 
     word_g = (w_i >> s) | (w_{i+1} << (32 - s)),   i = 8bg // 32 within the chunk, s = 8bg % 32
 
@@ -63,6 +64,7 @@ def _pick(
     w0, w1, w2, w3,  # (ROWS, C) uint32 words 0..3 of each 32-code chunk
     K: tl.constexpr,  # which one
 ):
+    """``w_K`` (a static choice: the chunk's word index is known when compiling)."""
     if K == 0:
         return w0
     elif K == 1:
@@ -135,6 +137,7 @@ def _sign_magnitude(
 ):
     """Every code's low ``BITS - 1`` bits XORed with NOT its top bit, for all 8 codes of a word at once:
     bit ``k`` of code ``t`` (stream bit ``BITS*t + k``) flips when bit ``BITS*t + BITS - 1`` is 0."""
+    tl.static_assert(2 <= BITS and BITS <= 4, "sign-magnitude words hold 8 codes of 2 to 4 bits")
     lanes: tl.constexpr = 0x11111111 if BITS == 4 else (0x249249 if BITS == 3 else 0x5555)  # bit 0 of each code
     flipped = word
     for k in tl.static_range(BITS - 1):

@@ -27,8 +27,9 @@ from .scores import centroid_levels
 @triton.jit
 def _boundary(
     bnd_ptr,  # pointer to the ascending CDT boundaries
-    I: tl.constexpr,  # index
+    I: tl.constexpr,  # index, known when compiling
 ):
+    """``b[I]``: a uniform load (the same address for every coordinate), so it stays in a register."""
     return tl.load(bnd_ptr + I)
 
 
@@ -38,10 +39,11 @@ def nearest_code(
     bnd_ptr,  # pointer to the 2**BITS - 1 ascending CDT boundaries b
     BITS: tl.constexpr,  # bits per code
 ):
-    """``#{i : y >= b[i]}`` by binary search, which equals the count since the boundaries ascend: bit
-    ``t`` of the code (from the top) is ``y >= b[code_so_far + 2**t - 1]``. Up to 4 bits the boundary
-    each step compares against is picked from registers by a tree of selects on the bits found so
-    far; beyond, it is read from the table (BITS dependent reads)."""
+    """``#{i : y >= b[i]}`` by binary search, which equals the count since the boundaries ascend. The
+    bits are decided from the top: the bit of weight ``2**t`` is ``y >= b[code_so_far + 2**t - 1]``,
+    where ``code_so_far`` holds the higher bits already decided. Up to 4 bits the boundary each step
+    compares against is picked from registers by a tree of selects on those bits; beyond, it is read
+    from the table (BITS dependent reads)."""
     if BITS <= 4:
         p_top = y >= _boundary(bnd_ptr, (1 << (BITS - 1)) - 1)
         code = p_top.to(tl.int32) << (BITS - 1)

@@ -207,7 +207,7 @@ def _check_code_tensors(name: str, code: Compressed, device: torch.device | None
 
 def _words(*packed: torch.Tensor) -> bool:
     """Whether the kernels may read these ``(rows, bytes)`` packed payloads as 32-bit words: every row
-    starts 4-byte aligned and is a whole number of words long (``d * bits`` a multiple of 32)."""
+    starts 4-byte aligned and is a whole number of words long (its byte length a multiple of 4)."""
     return all(t.data_ptr() % 4 == 0 and t.shape[-1] % 4 == 0 for t in packed)
 
 
@@ -518,7 +518,8 @@ def _attention_launch(q, k_code, v_code, k_params, v_params, *, scale, lens, spl
         K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl,
         DOT_DTYPE=tl.float16 if half else _kernel_dtypes(compute)["CDT"], **_kernel_dtypes(compute),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
-        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, WORDS=_words(kc, ks, vc, vs), num_warps=launch.num_warps, **stages,
+        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=_words(kc, ks), V_WORDS=_words(vc, vs),
+        num_warps=launch.num_warps, **stages,
     )  # fmt: skip
     block_c = 16 if INTERPRETING else min(tv.block_d, max(16, 8192 // tv.block_d))
     attention_combine_kernel[(bh, row_blocks)](
