@@ -4,6 +4,8 @@ argument, what was expected and what was received. Tiers compute the facts
 
 from __future__ import annotations
 
+import numpy as np
+
 from .compressed import Compressed
 from .params import QuantParams
 
@@ -90,7 +92,18 @@ def check_lengths_shape(lengths_shape: tuple[int, ...], batch: int) -> None:
         raise ValueError(f"lengths: expected shape ({batch},), got {tuple(lengths_shape)}")
 
 
-def check_lengths_range(lo: int, hi: int, kv_len: int) -> None:
-    """Every per-sequence length lies in ``1..kv_len``."""
-    if lo < 1 or hi > kv_len:
-        raise ValueError(f"lengths: expected values in 1..{kv_len}, got values in {lo}..{hi}")
+def check_lengths_range(lo: int, hi: int, kv_len: int, least: int = 1) -> None:
+    """Every per-sequence length lies in ``least..kv_len``: ``least`` is 1, or ``q_len`` with causal
+    masking (every sequence then holds its own queries' keys)."""
+    if lo < least or hi > kv_len:
+        why = "" if least == 1 else f" (causal=True: each sequence holds the keys of its {least} queries)"
+        raise ValueError(f"lengths: expected values in {least}..{kv_len}{why}, got values in {lo}..{hi}")
+
+
+def check_causal(causal: object, q_len: int, kv_len: int) -> bool:
+    """``causal`` is a bool; with it, the ``q_len`` queries fit in the ``kv_len`` cached keys."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if causal and q_len > kv_len:
+        raise ValueError(f"q: expected at most kv_len={kv_len} queries with causal=True, got q_len={q_len}")
+    return bool(causal)

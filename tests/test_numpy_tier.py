@@ -184,22 +184,23 @@ def test_scores_rejects_shapes_that_do_not_broadcast():
         ref.scores(np.ones((2, 4, 8)), code, params)
 
 
-def _attention_by_loops(q, k_hat, v_hat, lengths, scale):
+def _attention_by_loops(q, k_hat, v_hat, lengths, scale, causal=False):
     batch, q_heads, q_len, _ = q.shape
     group = q_heads // k_hat.shape[1]
     out = np.zeros((*q.shape[:3], v_hat.shape[-1]))
     for b in range(batch):
         for h in range(q_heads):
-            keys, values = k_hat[b, h // group, : lengths[b]], v_hat[b, h // group, : lengths[b]]
             for t in range(q_len):
+                end = lengths[b] - (q_len - 1 - t if causal else 0)  # query t is token end - 1 of the sequence
+                keys, values = k_hat[b, h // group, :end], v_hat[b, h // group, :end]
                 s = scale * keys @ q[b, h, t]
                 p = np.exp(s - s.max())
                 out[b, h, t] = (p / p.sum()) @ values
     return out
 
 
-@pytest.mark.parametrize("k_qjl", [False, True])
-def test_attention_matches_loops_with_gqa_and_lengths(k_qjl):
+@pytest.mark.parametrize("k_qjl, causal", [(False, False), (True, False), (False, True)])
+def test_attention_matches_loops_with_gqa_and_lengths(k_qjl, causal):
     kp = rq.build_params(rq.QuantizerSpec(dim=16, bits=3, qjl=k_qjl))
     vp = rq.build_params(rq.QuantizerSpec(dim=12, bits=2, rotation="dense"))
     rng = np.random.default_rng(6)
@@ -207,8 +208,8 @@ def test_attention_matches_loops_with_gqa_and_lengths(k_qjl):
     v_code = ref.quantize(rng.standard_normal((2, 2, 9, 12)), vp)
     q = rng.standard_normal((2, 6, 3, 16))
     lengths = np.array([9, 4])
-    out = ref.attention(q, k_code, v_code, kp, vp, lengths=lengths)
-    want = _attention_by_loops(q, ref.dequantize(k_code, kp), ref.dequantize(v_code, vp), lengths, 0.25)
+    out = ref.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=causal)
+    want = _attention_by_loops(q, ref.dequantize(k_code, kp), ref.dequantize(v_code, vp), lengths, 0.25, causal)
     np.testing.assert_allclose(out, want, atol=1e-12)
     assert out.shape == (2, 6, 3, 12)
 
@@ -223,6 +224,13 @@ def test_attention_errors():
             ref.attention(np.ones((1, 2, 1, 8)), code, code, p, p, lengths=np.array([bad]))
     with pytest.raises(ValueError, match=r"lengths: expected shape \(1,\), got \(2,\)"):
         ref.attention(np.ones((1, 2, 1, 8)), code, code, p, p, lengths=np.array([1, 2]))
+    causal_range = r"lengths: expected values in 3..5 \(causal=True: each sequence holds the keys of its 3 queries\)"
+    with pytest.raises(ValueError, match=causal_range + r", got values in 2..2"):
+        ref.attention(np.ones((1, 2, 3, 8)), code, code, p, p, lengths=np.array([2]), causal=True)
+    with pytest.raises(ValueError, match=r"q: expected at most kv_len=5 queries with causal=True, got q_len=6"):
+        ref.attention(np.ones((1, 2, 6, 8)), code, code, p, p, causal=True)
+    with pytest.raises(TypeError, match=r"causal: expected a bool, got str"):
+        ref.attention(np.ones((1, 2, 1, 8)), code, code, p, p, causal="yes")
 
 
 _DIGEST = """

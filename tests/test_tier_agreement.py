@@ -234,7 +234,7 @@ def naive_dequantize(code: rq.Compressed, params: rq.QuantParams, dtype: torch.d
     return x
 
 
-def naive_attention(q, k_code, v_code, k_params, v_params, lengths, dtype):
+def naive_attention(q, k_code, v_code, k_params, v_params, lengths, dtype, causal):
     k = naive_dequantize(k_code, k_params, dtype)
     v = naive_dequantize(v_code, v_params, dtype)
     batch, q_heads, q_len, dim = q.shape
@@ -242,7 +242,8 @@ def naive_attention(q, k_code, v_code, k_params, v_params, lengths, dtype):
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(dim)
-    keep = torch.arange(k.shape[2]) < torch.tensor(lengths)[:, None, None, None]
+    later = torch.arange(q_len - 1, -1, -1) if causal else torch.zeros(q_len, dtype=torch.int64)  # queries after t
+    keep = torch.arange(k.shape[2]) < (torch.tensor(lengths)[:, None] - later)[:, None, :, None]
     return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
 
 
@@ -300,7 +301,8 @@ ATTENTION_PAIRS = [p for p in PAIRS if p.values[1].lead == ()] + [
 
 @pytest.mark.parametrize("tier,case", ATTENTION_PAIRS)
 def test_attention(tier: Tier, case: Case):
-    """GQA decode attention (4 query heads on 2 KV heads, 3 queries) with per-sequence lengths."""
+    """GQA decode attention (4 query heads on 2 KV heads, 3 queries) with per-sequence lengths; causal
+    among the 3 queries for even bit widths."""
     k_params = rq.build_params(case.spec)
     v_spec = rq.QuantizerSpec(dim=case.dim, bits=max(1, case.bits - 1), rotation=case.rotation, seed=1)
     v_params = rq.build_params(v_spec)
@@ -310,14 +312,16 @@ def test_attention(tier: Tier, case: Case):
     q_in = tier.array(sample(case, (2, 4, 3, case.dim), salt="q") / 10.0, case.dtype)
     q64 = exact_float64(q_in)
     k_code, v_code = ref.quantize(k64, k_params), ref.quantize(v64, v_params)
-    want = ref.attention(q64, k_code, v_code, k_params, v_params, lengths=np.array(lengths))
+    causal = case.bits % 2 == 0
+    want = ref.attention(q64, k_code, v_code, k_params, v_params, lengths=np.array(lengths), causal=causal)
     out = tier.module.attention(
         q_in, tier.code(k_code, case.dtype), tier.code(v_code, case.dtype), k_params, v_params,
-        lengths=tier_lengths(tier, lengths),
+        lengths=tier_lengths(tier, lengths), causal=causal,
     )
     _check_output_dtype(tier, out, case.dtype)
     dtype = _torch_dtype(case.dtype)
-    baseline = naive_attention(torch.tensor(q64, dtype=dtype), k_code, v_code, k_params, v_params, lengths, dtype)
+    q_base = torch.tensor(q64, dtype=dtype)
+    baseline = naive_attention(q_base, k_code, v_code, k_params, v_params, lengths, dtype, causal)
     assert_close("attention", want, out, baseline=baseline, dtype=case.dtype, atol=ATOL[case.dtype])
 
 

@@ -299,6 +299,12 @@ def test_attention_length_errors(small):
         tt.attention(q, k, k, params, params, lengths=[0, 2])
     with pytest.raises(ValueError, match=r"lengths: expected shape \(2,\), got \(3,\)"):
         tt.attention(q, k, k, params, params, lengths=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"lengths: expected values in 2\.\.4 \(causal=True: .*got values in 1\.\.4"):
+        tt.attention(torch.zeros(2, 2, 2, 5), k, k, params, params, lengths=[4, 1], causal=True)
+    with pytest.raises(ValueError, match=r"q: expected at most kv_len=4 queries with causal=True, got q_len=5"):
+        tt.attention(torch.zeros(2, 2, 5, 5), k, k, params, params, causal=True)
+    with pytest.raises(TypeError, match=r"causal: expected a bool, got int"):
+        tt.attention(q, k, k, params, params, causal=1)
 
 
 def test_bad_code_dtype_name(small):

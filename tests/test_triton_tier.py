@@ -293,6 +293,8 @@ def test_bad_inputs_raise_the_shared_errors():
         tt.attention(q, k, k, params, params, lengths=torch.tensor([0]))
     with pytest.raises(ValueError, match=r"lengths: expected shape \(1,\)"):
         tt.attention(q, k, k, params, params, lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"lengths: expected values in 3\.\.5 \(causal=True: .*got values in 2\.\.2"):
+        tt.attention(q, k, k, params, params, lengths=torch.tensor([2]), causal=True)
     with pytest.raises(ValueError, match="q: expected q_heads a multiple of kv_heads"):
         tt.attention(_data((1, 3, 1, 16)), tt.quantize(_data((1, 2, 5, 16)), params), tt.quantize(_data((1, 2, 5, 16)), params), params, params)
     with pytest.raises(ValueError, match="q: expected finite values"):
@@ -375,6 +377,24 @@ def test_attention_split_path_gqa_and_lengths(splits, k_kw, v_kw):
 
 
 @needs_kernels
+@pytest.mark.parametrize("splits", [1, 6])
+def test_attention_causal_with_rows_that_see_no_key_of_a_split(splits):
+    """causal=True, 3 queries per sequence. Under the interpreter keys come in blocks of 16, so with
+    length 17 and 6 splits the second split holds key 16 alone: hidden from queries 0 and 1 (their rows
+    see no key of that split), seen by query 2."""
+    kp, vp = _spec(dim=40, bits=3), _spec(dim=40, bits=2, seed=4, qjl=True)
+    q = _data((2, 4, 3, 40), seed=50)
+    k_code = tt.quantize(_data((2, 2, 90, 40), seed=51), kp)
+    v_code = tt.quantize(_data((2, 2, 90, 40), seed=52), vp)
+    lengths = torch.tensor([90, 17])
+    got = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=True, splits=splits)
+    k_ref, v_ref = _as_reference_code(k_code, kp), _as_reference_code(v_code, vp)
+    want = ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy(), causal=True)
+    np.testing.assert_allclose(_np(got), want, atol=2e-5 * np.abs(want).max())
+    assert not np.allclose(want, ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy()))
+
+
+@needs_kernels
 def test_attention_with_one_key_returns_that_value():
     kp, vp = _spec(dim=32, bits=3), _spec(dim=32, bits=3, seed=2)
     q = _data((2, 4, 1, 32), seed=20)
@@ -454,7 +474,7 @@ recorders = [Recorder(getattr(tt, name)) for name in names]
 for name, recorder in zip(names, recorders):
     setattr(tt, name, recorder)
 
-def drive(dtype, **kw):
+def drive(dtype, causal=False, **kw):
     p = rq.build_params(rq.QuantizerSpec(**kw))
     spec, n = p.spec, 64
     codes, norms, raw, signs, res = tt._quantize_rows(torch.zeros(n, spec.dim, dtype=dtype), p)
@@ -464,9 +484,9 @@ def drive(dtype, **kw):
     tt.dequantize(code, p)
     tt.scores(torch.zeros(3, spec.dim, dtype=dtype), code, p)
     cache = rq.Compressed(spec=spec, dtype=code.dtype, **{k: None if v is None else v.reshape(2, 2, 16, *v.shape[1:]) for k, v in f.items()})
-    tt.attention(torch.zeros(2, 8, 1, spec.dim, dtype=dtype), cache, cache, p, p)
+    tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, causal=causal)
 
-drive(torch.float16, dim=128, bits=3)
+drive(torch.float16, dim=128, bits=3, causal=True)
 drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
 drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
 drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)

@@ -7,6 +7,10 @@ sqrt(pi/2)/m_K * S_K q``), so a key's logit is
 
     t_n = s_n * (q' . c[k_n]) + rho_n * (S q)' . z_n
 
+Query row ``g * q_len + t`` (query ``t`` of the group's head ``g``) sees keys ``n < length``, and
+with ``CAUSAL`` only ``n < length - (q_len - 1 - t)``; masked logits are ``-inf``, and a row that
+has seen no key yet keeps ``mx = -inf`` (its exponentials are taken against 0, so they are 0).
+
 Values stay in V's rotated domain: the split accumulates ``sum_n p_n v_n c[k_n]`` and
 ``sum_n p_n rho_n z_n`` (V's norms ``v_n``, residual norms ``rho_n``, signs ``z_n``), with the
 running max ``mx`` and denominator ``l``.
@@ -58,7 +62,8 @@ def attention_split_kernel(
     accq_ptr,  # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT output: sum of p rho z
     kv_heads,  # KV heads (bh // kv_heads is the batch index)
     N,  # cache length (keys per head)
-    R,  # query rows per KV head: group * q_len
+    R,  # query rows per KV head: group * q_len (row g * q_len + t is query t of the group's head g)
+    q_len,  # queries per sequence
     split_len,  # keys per split (a multiple of BLOCK_N)
     dk: tl.constexpr,  # key dimension
     dv: tl.constexpr,  # value dimension
@@ -72,6 +77,7 @@ def attention_split_kernel(
     V_BITS: tl.constexpr,  # value bits per code
     K_QJL: tl.constexpr,  # keys carry a QJL sketch
     V_QJL: tl.constexpr,  # values carry a QJL sketch
+    CAUSAL: tl.constexpr,  # query t sees only the first length - (q_len - 1 - t) keys
     splits,  # number of key splits
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_DTYPE: tl.constexpr,  # tl.float16 (half-precision queries) or CDT: operand dtype of the tl.dots
@@ -92,6 +98,7 @@ def attention_split_kernel(
     length = tl.load(lengths_ptr + bh // kv_heads)
     start = split * split_len
     end = tl.minimum(start + split_len, length)
+    visible = length - (q_len - 1 - rows % q_len)  # (BLOCK_Q,) keys each row sees with CAUSAL
 
     q_row = bh * R + rows
     q_tile = q_row[:, None] * BLOCK_DK + tl.arange(0, BLOCK_DK)[None, :]
@@ -125,11 +132,15 @@ def attention_split_kernel(
             )
             rho = tl.load(k_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
             t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
-        t = tl.where(k_ok[None, :], t, float("-inf"))
-        # online softmax
+        if CAUSAL:
+            t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
+        else:
+            t = tl.where(k_ok[None, :], t, float("-inf"))
+        # online softmax; a row that has seen no key yet (CAUSAL) keeps mx = -inf and weight 0
         mx_new = tl.maximum(mx, tl.max(t, axis=1))
-        alpha = tl.exp2(mx - mx_new)
-        p = tl.exp2(t - mx_new[:, None])
+        ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        alpha = tl.exp2(mx - ref)
+        p = tl.exp2(t - ref[:, None])
         denom = denom * alpha + tl.sum(p, axis=1)
         mx = mx_new
         # values, in V's rotated domain

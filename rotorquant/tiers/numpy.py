@@ -125,13 +125,16 @@ def scores(q: np.ndarray, code: Compressed, params: QuantParams) -> np.ndarray:
     return out
 
 
-def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None) -> np.ndarray:
+def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False) -> np.ndarray:
     """Decode attention over a compressed K/V cache.
 
     ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
-    reads KV head ``h // (Hq // Hkv)`` (grouped-query attention). Every query attends to the first
-    ``lengths[b]`` keys of its sequence (all ``N`` when None), with no causal mask among queries:
+    reads KV head ``h // (Hq // Hkv)`` (grouped-query attention). Query ``t`` of sequence ``b`` attends
+    to its first ``visible[b, t]`` keys:
 
+        visible[b, t] = lengths[b]                  (all N when lengths is None)
+        visible[b, t] = lengths[b] - (T - 1 - t)    with causal=True: the T queries are the sequence's
+                                                    last T cached tokens, each sees itself and before
         out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
 
     Returns ``(B, Hq, T, d_v)`` float64.
@@ -142,13 +145,17 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     checks.check_code("v_code", v_code, v_params)
     group = checks.check_attention_shapes(np.shape(q), k_code.shape, v_code.shape)
     batch, kv_heads, kv_len = k_code.shape
-    s = scores(np.asarray(q).reshape(batch, kv_heads, group * q.shape[2], q.shape[3]), k_code, k_params)
+    q_len = q.shape[2]
+    causal = checks.check_causal(causal, q_len, kv_len)
+    s = scores(np.asarray(q).reshape(batch, kv_heads, group * q_len, q.shape[3]), k_code, k_params)
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
-    if lengths is not None:
-        lengths = np.asarray(lengths)
-        checks.check_lengths_shape(lengths.shape, batch)
-        checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len)
-        s = np.where(np.arange(kv_len) < lengths[:, None, None, None], s, -np.inf)
+    lengths = np.full(batch, kv_len) if lengths is None else np.asarray(lengths)
+    checks.check_lengths_shape(lengths.shape, batch)
+    checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=q_len if causal else 1)
+    hidden = q_len - 1 - np.arange(q_len) if causal else np.zeros(q_len, dtype=np.int64)  # later queries' keys
+    visible = lengths[:, None] - hidden  # (B, T)
+    rows = np.tile(visible, group)  # (B, group * T): row g * T + t
+    s = np.where(np.arange(kv_len) < rows[:, None, :, None], s, -np.inf)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
     p = p / p.sum(axis=-1, keepdims=True)
     out = p @ dequantize(v_code, v_params)  # (B, Hkv, group*T, d_v)

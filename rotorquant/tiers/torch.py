@@ -480,12 +480,13 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
     return _scores(q, code, params).to(q.dtype)
 
 
-def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None) -> torch.Tensor:
+def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False) -> torch.Tensor:
     """Decode attention over a compressed K/V cache, in ``q``'s dtype.
 
     ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
-    reads KV head ``h // (Hq // Hkv)``. Every query attends to the first ``lengths[b]`` keys
-    (all ``N`` when None), with no causal mask among queries:
+    reads KV head ``h // (Hq // Hkv)``. Query ``t`` of sequence ``b`` attends to its first
+    ``visible[b, t]`` keys: ``lengths[b]`` (all ``N`` when None), less ``T - 1 - t`` with
+    ``causal=True`` (the queries are the sequence's last ``T`` cached tokens):
 
         out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
     """
@@ -498,13 +499,18 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     _check_same_device("v_code", v_code, "q", q.device)
     batch, kv_heads, kv_len = k_code.shape
     _, q_heads, q_len, dim = q.shape
+    causal = checks.check_causal(causal, q_len, kv_len)
     s = _scores(q.reshape(batch, kv_heads, group * q_len, dim), k_code, k_params, "k_code")
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
-    if lengths is not None:
-        lengths = torch.as_tensor(lengths, device=q.device)
+    if lengths is not None or causal:
+        on = {"device": q.device}
+        lengths = torch.full((batch,), kv_len, **on) if lengths is None else torch.as_tensor(lengths, **on)
         checks.check_lengths_shape(tuple(lengths.shape), batch)
-        checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len)
-        keep = torch.arange(kv_len, device=q.device) < lengths[:, None, None, None]
+        least = q_len if causal else 1
+        checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
+        hidden = torch.arange(q_len - 1, -1, -1, **on) if causal else torch.zeros(q_len, dtype=torch.int64, **on)
+        rows = (lengths.to(torch.int64)[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t
+        keep = torch.arange(kv_len, device=q.device) < rows[:, None, :, None]
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     v = _dequantize(v_code, v_params, s.dtype, s.dtype)

@@ -392,14 +392,15 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
 # ---------------------------------------------------------------------------- attention
 
 
-def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
+def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, least: int) -> torch.Tensor:
+    """``lengths`` as int32 on ``device``, each in ``least..kv_len`` (all ``kv_len`` when None)."""
     if lengths is None:
         return torch.full((batch,), kv_len, dtype=torch.int32, device=device)
     t = torch.as_tensor(lengths)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"lengths: expected integers, got dtype {t.dtype}")
     checks.check_lengths_shape(tuple(t.shape), batch)
-    checks.check_lengths_range(int(t.min()), int(t.max()), kv_len)
+    checks.check_lengths_range(int(t.min()), int(t.max()), kv_len, least=least)
     return t.to(device=device, dtype=torch.int32)
 
 
@@ -434,20 +435,21 @@ def _split_plan(programs: int, kv_len: int, block_n: int, device: torch.device, 
     return triton.cdiv(kv_len, split_len), split_len
 
 
-def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None) -> torch.Tensor:
+def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False) -> torch.Tensor:
     """Decode attention over a compressed K/V cache (split-K, online softmax; see `rotorquant.kernels.attention`).
 
     ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
-    reads KV head ``h // (Hq // Hkv)``; every query attends to the first ``lengths[b]`` keys:
+    reads KV head ``h // (Hq // Hkv)``; query ``t`` attends to the first ``lengths[b]`` keys, less
+    ``T - 1 - t`` with ``causal=True`` (the queries are the sequence's last ``T`` cached tokens):
 
         out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
 
     Returns ``(B, Hq, T, d_v)`` in the query's dtype.
     """
-    return _attention(q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths, splits=None)
+    return _attention(q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths, causal=causal, splits=None)
 
 
-def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, splits):
+def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=False, splits):
     """`attention` with the number of key splits forced when ``splits`` is given (tests use it)."""
     checks.check_params(k_params)
     checks.check_params(v_params)
@@ -457,12 +459,17 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, splits)
     checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
     _check_code_tensors("k_code", k_code, q.device)
     _check_code_tensors("v_code", v_code, q.device)
+    causal = checks.check_causal(causal, q.shape[2], k_code.shape[2])
     _check_finite("q", q)
-    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device)
-    return _attention_launch(q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, splits=splits)
+    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device, least=q.shape[2] if causal else 1)
+    return _attention_launch(
+        q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, causal=causal, splits=splits
+    )
 
 
-def _attention_launch(q, k_code, v_code, k_params, v_params, *, scale, lens, splits=None, launch=_AttentionLaunch()):
+def _attention_launch(
+    q, k_code, v_code, k_params, v_params, *, scale, lens, causal=False, splits=None, launch=_AttentionLaunch()
+):
     """The two kernel launches of `attention` on checked inputs (``lens``: int32 lengths on the device);
     no synchronization, so CUDA graphs can capture it. ``launch`` overrides the configuration (benchmarks)."""
     kspec, vspec = k_params.spec, v_params.spec
@@ -512,10 +519,10 @@ def _attention_launch(q, k_code, v_code, k_params, v_params, *, scale, lens, spl
     attention_split_kernel[(bh, splits, row_blocks)](
         q_rot, q_sk, kc, kn, ks, kr, tk.centroids, vc, vn, vs, vr, tv.centroids, lens,
         mx, denom, acc, accq,
-        kv_heads=kv_heads, N=kv_len, R=rows, split_len=split_len, dk=kspec.dim, dv=vspec.dim,
+        kv_heads=kv_heads, N=kv_len, R=rows, q_len=q_len, split_len=split_len, dk=kspec.dim, dv=vspec.dim,
         mk=kspec.qjl_dim, mv=vspec.qjl_dim, k_code_bytes=kspec.code_bytes, v_code_bytes=vspec.code_bytes,
         k_sign_bytes=kspec.sign_bytes, v_sign_bytes=vspec.sign_bytes, splits=splits,
-        K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl,
+        K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl, CAUSAL=causal,
         DOT_DTYPE=tl.float16 if half else _kernel_dtypes(compute)["CDT"], **_kernel_dtypes(compute),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
         BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=_words(kc, ks), V_WORDS=_words(vc, vs),
