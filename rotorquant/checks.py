@@ -86,6 +86,12 @@ def check_attention_shapes(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v
     return q_shape[1] // k_shape[1]
 
 
+def check_lengths_integer(is_integer: bool, dtype: str) -> None:
+    """Per-sequence lengths are integers (not floats, complex or bools)."""
+    if not is_integer:
+        raise TypeError(f"lengths: expected integers, got dtype {dtype}")
+
+
 def check_lengths_shape(lengths_shape: tuple[int, ...], batch: int) -> None:
     """Per-sequence lengths have shape ``(batch,)``."""
     if tuple(lengths_shape) != (batch,):

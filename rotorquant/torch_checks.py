@@ -25,6 +25,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_lengths_dtype(lengths: torch.Tensor) -> None:
+    """Per-sequence lengths must be an integer tensor (not floating, complex or bool)."""
+    dtype = lengths.dtype
+    is_integer = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    checks.check_lengths_integer(is_integer, dtype_name(dtype))
+
+
 def check_vectors(name: str, x: object, dim: int) -> torch.Tensor:
     """``x`` must be a real floating tensor ``(..., dim)`` (finiteness is checked by the caller)."""
     if not isinstance(x, torch.Tensor):

@@ -231,6 +231,9 @@ def test_attention_errors():
         ref.attention(np.ones((1, 2, 6, 8)), code, code, p, p, causal=True)
     with pytest.raises(TypeError, match=r"causal: expected a bool, got str"):
         ref.attention(np.ones((1, 2, 1, 8)), code, code, p, p, causal="yes")
+    for bad in ([2.5], [True]):
+        with pytest.raises(TypeError, match=r"lengths: expected integers, got dtype (float64|bool)"):
+            ref.attention(np.ones((1, 2, 1, 8)), code, code, p, p, lengths=bad)
 
 
 _DIGEST = """

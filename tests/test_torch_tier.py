@@ -305,6 +305,21 @@ def test_attention_length_errors(small):
         tt.attention(torch.zeros(2, 2, 5, 5), k, k, params, params, causal=True)
     with pytest.raises(TypeError, match=r"causal: expected a bool, got int"):
         tt.attention(q, k, k, params, params, causal=1)
+    with pytest.raises(TypeError, match=r"lengths: expected integers, got dtype float32"):
+        tt.attention(q, k, k, params, params, lengths=[2.5, 1.0])
+
+
+def test_attention_causal_without_lengths_matches_reference():
+    """``causal=True`` with ``lengths=None``: every sequence holds all N keys, the T queries are the last T."""
+    kp, vp = rq.build_params(rq.QuantizerSpec(dim=12, bits=3)), rq.build_params(rq.QuantizerSpec(dim=12, bits=2))
+    g = torch.Generator().manual_seed(3)
+    shapes = ((2, 4, 3, 12), (2, 2, 7, 12), (2, 2, 7, 12))
+    q, k, v = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes)
+    kc, vc = ref.quantize(k.numpy(), kp), ref.quantize(v.numpy(), vp)
+    want = ref.attention(q.numpy(), kc, vc, kp, vp, causal=True)
+    got = tt.attention(q, tt.quantize(k, kp), tt.quantize(v, vp), kp, vp, causal=True)
+    np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+    assert not np.allclose(want, ref.attention(q.numpy(), kc, vc, kp, vp))
 
 
 def test_bad_code_dtype_name(small):

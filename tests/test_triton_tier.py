@@ -295,6 +295,8 @@ def test_bad_inputs_raise_the_shared_errors():
         tt.attention(q, k, k, params, params, lengths=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"lengths: expected values in 3\.\.5 \(causal=True: .*got values in 2\.\.2"):
         tt.attention(q, k, k, params, params, lengths=torch.tensor([2]), causal=True)
+    with pytest.raises(TypeError, match=r"lengths: expected integers, got dtype float32"):
+        tt.attention(q, k, k, params, params, lengths=torch.tensor([2.0]))
     with pytest.raises(ValueError, match="q: expected q_heads a multiple of kv_heads"):
         tt.attention(_data((1, 3, 1, 16)), tt.quantize(_data((1, 2, 5, 16)), params), tt.quantize(_data((1, 2, 5, 16)), params), params, params)
     with pytest.raises(ValueError, match="q: expected finite values"):
@@ -392,6 +394,9 @@ def test_attention_causal_with_rows_that_see_no_key_of_a_split(splits):
     want = ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy(), causal=True)
     np.testing.assert_allclose(_np(got), want, atol=2e-5 * np.abs(want).max())
     assert not np.allclose(want, ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy()))
+    everything = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=None, causal=True, splits=splits)
+    want = ref.attention(_np(q), k_ref, v_ref, kp, vp, causal=True)  # all 90 keys, the 3 queries the last 3
+    np.testing.assert_allclose(_np(everything), want, atol=2e-5 * np.abs(want).max())
 
 
 @needs_kernels

@@ -136,9 +136,13 @@ def attention_split_kernel(
             t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
         else:
             t = tl.where(k_ok[None, :], t, float("-inf"))
-        # online softmax; a row that has seen no key yet (CAUSAL) keeps mx = -inf and weight 0
+        # online softmax; with CAUSAL a row that has seen no key yet keeps mx = -inf and weight 0 (without
+        # it every block holds a key below `end` for every row)
         mx_new = tl.maximum(mx, tl.max(t, axis=1))
-        ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        if CAUSAL:
+            ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        else:
+            ref = mx_new
         alpha = tl.exp2(mx - ref)
         p = tl.exp2(t - ref[:, None])
         denom = denom * alpha + tl.sum(p, axis=1)

@@ -5,5 +5,6 @@
 - `rotorquant.tiers.triton`: fused GPU kernels (also runs under ``TRITON_INTERPRET=1``).
 
 Each exposes ``quantize(x, params)``, ``dequantize(code, params)``,
-``scores(q, code, params)`` and ``attention(q, k_code, v_code, k_params, v_params, *, scale, lengths)``.
+``scores(q, code, params)`` and
+``attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal)``.
 """

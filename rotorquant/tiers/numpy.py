@@ -150,8 +150,10 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     s = scores(np.asarray(q).reshape(batch, kv_heads, group * q_len, q.shape[3]), k_code, k_params)
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
     lengths = np.full(batch, kv_len) if lengths is None else np.asarray(lengths)
+    checks.check_lengths_integer(lengths.dtype.kind in "iu", str(lengths.dtype))
     checks.check_lengths_shape(lengths.shape, batch)
-    checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=q_len if causal else 1)
+    least = max(q_len, 1) if causal else 1
+    checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
     hidden = q_len - 1 - np.arange(q_len) if causal else np.zeros(q_len, dtype=np.int64)  # later queries' keys
     visible = lengths[:, None] - hidden  # (B, T)
     rows = np.tile(visible, group)  # (B, group * T): row g * T + t

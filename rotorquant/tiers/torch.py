@@ -31,7 +31,7 @@ import torch
 from .. import checks
 from ..compressed import Compressed
 from ..params import QuantParams
-from ..torch_checks import NORM_DTYPES, check_vectors, compute_dtype, dtype_name, output_dtype
+from ..torch_checks import NORM_DTYPES, check_lengths_dtype, check_vectors, compute_dtype, dtype_name, output_dtype
 
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")  # the payload of a `Compressed`
 # Elements of one chunk of rows: small enough to stay in a CPU's L2/L3 cache, large enough
@@ -505,8 +505,9 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     if lengths is not None or causal:
         on = {"device": q.device}
         lengths = torch.full((batch,), kv_len, **on) if lengths is None else torch.as_tensor(lengths, **on)
+        check_lengths_dtype(lengths)
         checks.check_lengths_shape(tuple(lengths.shape), batch)
-        least = q_len if causal else 1
+        least = max(q_len, 1) if causal else 1
         checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
         hidden = torch.arange(q_len - 1, -1, -1, **on) if causal else torch.zeros(q_len, dtype=torch.int64, **on)
         rows = (lengths.to(torch.int64)[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t

@@ -44,7 +44,7 @@ from ..kernels.quantize import quantize_kernel
 from ..kernels.scores import scores_kernel
 from ..params import QuantParams
 from ..spec import QuantizerSpec
-from ..torch_checks import NORM_DTYPES, check_vectors, compute_dtype, dtype_name, output_dtype
+from ..torch_checks import NORM_DTYPES, check_lengths_dtype, check_vectors, compute_dtype, dtype_name, output_dtype
 
 __all__ = ["attention", "dequantize", "quantize", "scores"]
 
@@ -397,8 +397,7 @@ def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, lea
     if lengths is None:
         return torch.full((batch,), kv_len, dtype=torch.int32, device=device)
     t = torch.as_tensor(lengths)
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"lengths: expected integers, got dtype {t.dtype}")
+    check_lengths_dtype(t)
     checks.check_lengths_shape(tuple(t.shape), batch)
     checks.check_lengths_range(int(t.min()), int(t.max()), kv_len, least=least)
     return t.to(device=device, dtype=torch.int32)
@@ -461,7 +460,7 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=
     _check_code_tensors("v_code", v_code, q.device)
     causal = checks.check_causal(causal, q.shape[2], k_code.shape[2])
     _check_finite("q", q)
-    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device, least=q.shape[2] if causal else 1)
+    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device, least=max(q.shape[2], 1) if causal else 1)
     return _attention_launch(
         q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, causal=causal, splits=splits
     )
