@@ -24,6 +24,7 @@ with 3-bit rotors, against `torch.nn.functional.scaled_dot_product_attention` on
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 
@@ -34,6 +35,7 @@ from rotorquant.tiers import torch as torch_tier
 from rotorquant.tiers import triton as triton_tier
 
 CALLS = 20
+DEVICE = "cuda"  # tests/test_triton_tier.py runs the tables on CPU tensors under the Triton interpreter
 
 
 def graph_us(fn, reps: int = 15) -> float:
@@ -128,7 +130,7 @@ def quantize_table(sizes: list[int], dim: int, bits: int) -> None:
                 "busy torch dense", "busy torch dense / triton rotor", "API triton rotor", "API torch rotor",
                 "API torch dense", "API torch dense / triton rotor"]))  # fmt: skip
     for n in sizes:
-        x = torch.randn(n, dim, device="cuda", dtype=torch.float16)
+        x = torch.randn(n, dim, device=DEVICE, dtype=torch.float16)
         g_r = graph_us(lambda: triton_tier._quantize_rows(x, rotor))
         g_d = graph_us(lambda: triton_tier._quantize_rows(x, dense))
         b_r = busy_us(lambda: triton_tier._quantize_rows(x, rotor))
@@ -143,12 +145,25 @@ def quantize_table(sizes: list[int], dim: int, bits: int) -> None:
 def quantize_sweep(n: int, dim: int, bits: int) -> None:
     """GPU time of the rotor quantize kernel for each (vectors per program, warps)."""
     rotor = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor"))
-    x = torch.randn(n, dim, device="cuda", dtype=torch.float16)
+    x = torch.randn(n, dim, device=DEVICE, dtype=torch.float16)
     print(f"\n## sweep: rotor quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
     print("BLOCK_N | num_warps | GPU us")
     for block_n, warps in ((8, 1), (16, 1), (16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 8)):
         t = graph_us(lambda: triton_tier._quantize_rows(x, rotor, block_n=block_n, num_warps=warps), reps=7)
         print(f"{block_n} | {warps} | {t:.1f}")  # nan: the configuration failed (reason printed above)
+
+
+def dense_quantize_sweep(n: int, dim: int, bits: int) -> None:
+    """GPU time of the dense (TurboQuant) quantize kernel for each (vectors per program, chunk, warps).
+    `benchmarks/sass_count.py`-style compiles for sm_90 show the default (32, 64, 8) spilling registers
+    and (32, 128, 8) or (16, 64, 8) not."""
+    dense = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="dense"))
+    x = torch.randn(n, dim, device=DEVICE, dtype=torch.float16)
+    print(f"\n## sweep: dense quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
+    print("BLOCK_N | BLOCK_C | num_warps | GPU us")
+    for block_n, block_c, warps in ((32, 64, 8), (32, 128, 8), (16, 64, 8), (16, 64, 4), (16, 32, 4)):
+        run = functools.partial(triton_tier._quantize_rows, x, dense, block_n=block_n, num_warps=warps, block_c=block_c)
+        print(f"{block_n} | {block_c} | {warps} | {graph_us(run, reps=7):.1f}")
 
 
 def _sdpa(q, k, v):
@@ -164,9 +179,9 @@ def _sdpa(q, k, v):
 
 
 def _cache(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, kp, vp):
-    k = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.float16)
-    v = torch.randn(batch, kv_heads, n, dim, device="cuda", dtype=torch.float16)
-    q = torch.randn(batch, q_heads, 1, dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(batch, kv_heads, n, dim, device=DEVICE, dtype=torch.float16)
+    v = torch.randn(batch, kv_heads, n, dim, device=DEVICE, dtype=torch.float16)
+    q = torch.randn(batch, q_heads, 1, dim, device=DEVICE, dtype=torch.float16)
     return q, k, v, triton_tier.quantize(k, kp), triton_tier.quantize(v, vp)
 
 
@@ -180,7 +195,7 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
                 "max |triton - SDPA(dequantized fp16)|"]))  # fmt: skip
     for n in contexts:
         q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
-        lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+        lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
         ours = graph_us(lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens))
         sdpa = _sdpa(q, k, v)
         base = graph_us(sdpa)
@@ -202,7 +217,7 @@ def attention_sweep(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, b
     vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
     q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
     del k, v
-    lens = torch.full((batch,), n, dtype=torch.int32, device="cuda")
+    lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
     print(f"\n## sweep: attention launch configurations, context {n} (GPU us, graph)")
     print("BLOCK_N | num_warps | num_stages | programs/SM | GPU us")
     configs = [(64, 8, 2, 4), (32, 4, 2, 4), (32, 4, 2, 8), (16, 4, 2, 8), (32, 8, 2, 4), (64, 8, 1, 4),
@@ -232,6 +247,7 @@ def main() -> None:
     attention_table(args.contexts, batch=8, q_heads=32, kv_heads=8, dim=128, bits=3)
     if args.sweep:
         quantize_sweep(16384, dim=128, bits=3)
+        dense_quantize_sweep(16384, dim=128, bits=3)
         attention_sweep(max(args.contexts), batch=8, q_heads=32, kv_heads=8, dim=128, bits=3)
 
 

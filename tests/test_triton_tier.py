@@ -463,6 +463,36 @@ def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl, dim):
         np.testing.assert_allclose(_np(got), want_attention, atol=2e-5 * np.abs(want_attention).max())
 
 
+# ---------------------------------------------------------------------------- the GPU benchmark script
+
+
+@pytest.mark.skipif(not tt.INTERPRETING, reason="on a GPU, benchmarks/gpu_check.sh runs the real tables")
+def test_gpu_speed_tables_run_on_the_interpreter(monkeypatch, capsys):
+    """`benchmarks/gpu_speed.py`'s tables and sweeps on tiny CPU shapes, every timer replaced by one call
+    of the timed function: a broken benchmark shows here, not on a borrowed GPU. The printed times are
+    placeholders (1.0), not measurements."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import gpu_speed
+
+    def once(fn, *args, **kwargs):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(gpu_speed, "DEVICE", "cpu")
+    for timer in ("graph_us", "busy_us", "api_us"):
+        monkeypatch.setattr(gpu_speed, timer, once)
+    gpu_speed.quantize_table([40], dim=128, bits=3)
+    gpu_speed.quantize_sweep(40, dim=128, bits=3)
+    gpu_speed.dense_quantize_sweep(40, dim=128, bits=3)
+    gpu_speed.attention_table([40], batch=1, q_heads=4, kv_heads=2, dim=32, bits=3)
+    gpu_speed.attention_sweep(40, batch=1, q_heads=4, kv_heads=2, dim=32, bits=3)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line[:1].isdigit()]
+    assert len(rows) == 1 + 9 + 5 + 1 + 9, "\n".join(lines)
+    attention_row = [line for line in rows if line.count("|") == 9]  # its last cell: max |triton - SDPA|
+    assert len(attention_row) == 1 and float(attention_row[0].split("|")[-1]) < 1e-2, attention_row
+
+
 # ---------------------------------------------------------------------------- real-GPU compilation
 
 _AOT_SCRIPT = r"""

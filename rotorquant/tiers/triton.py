@@ -234,11 +234,17 @@ def _quantize_launch(spec: QuantizerSpec, block_d: int, block_m: int) -> tuple[i
 
 
 def _quantize_rows(
-    rows: torch.Tensor, params: QuantParams, *, block_n: int | None = None, num_warps: int | None = None
+    rows: torch.Tensor,
+    params: QuantParams,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    block_c: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch `quantize_kernel` on ``rows (n, d)`` (unit stride): float32
     ``(codes, norms, raw_norms, signs, residual_norms)``; no checks, no synchronization.
-    ``block_n`` (vectors per program) and ``num_warps`` override the launch configuration (benchmarks)."""
+    ``block_n`` (vectors per program), ``num_warps`` and ``block_c`` (coordinates per chunk) override
+    the launch configuration (benchmarks)."""
     spec = params.spec
     compute = compute_dtype(rows.dtype)
     tab = _tables(params, rows.device, compute)
@@ -249,8 +255,8 @@ def _quantize_rows(
     raw = new((n,), dtype=compute) if spec.norm_correction else norms
     signs = new((n, spec.sign_bytes), dtype=torch.uint8) if spec.qjl else None
     res = new((n,), dtype=compute) if spec.qjl else None
-    default_n, block_c, default_warps = _quantize_launch(spec, tab.block_d, tab.block_m)
-    block_n, num_warps = block_n or default_n, num_warps or default_warps
+    default_n, default_c, default_warps = _quantize_launch(spec, tab.block_d, tab.block_m)
+    block_n, num_warps, block_c = block_n or default_n, num_warps or default_warps, block_c or default_c
     if n:
         quantize_kernel[(triton.cdiv(n, block_n),)](
             rows, rows.stride(0), n, spec.dim,
