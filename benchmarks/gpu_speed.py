@@ -14,6 +14,8 @@ Every ratio divides two numbers measured in this same run, in microseconds. Two 
   (the torch tier checks its input on the host), so it is measured for both tiers alike.
 - **API latency** -- the median wall time of one public call (``quantize``, ``attention``, SDPA)
   between CUDA events on an otherwise idle GPU: Python, input checks, launches, host syncs.
+  ``unchecked``: the Triton call with ``validate=False`` (no host synchronization), as an inference
+  engine's decode step would make it.
 
 Quantize inputs are float16 ``(n, 128)`` vectors, 3 bits, the same tensor on every call (up to
 about 16K rows it stays in the GPU's L2 cache between calls, as freshly computed keys would).
@@ -127,8 +129,9 @@ def quantize_table(sizes: list[int], dim: int, bits: int) -> None:
     print("GPU time: triton = CUDA-graph replay of the fused kernel; busy = summed kernel time (profiler)")
     print("API latency: one public quantize() call on an idle GPU (Python, checks, launch, host sync)")
     print(_row(["n", "GPU triton rotor", "GPU triton dense", "busy triton rotor", "busy torch rotor",
-                "busy torch dense", "busy torch dense / triton rotor", "API triton rotor", "API torch rotor",
-                "API torch dense", "API torch dense / triton rotor"]))  # fmt: skip
+                "busy torch dense", "busy torch dense / triton rotor", "API triton rotor",
+                "API triton rotor unchecked", "API torch rotor", "API torch dense",
+                "API torch dense / triton rotor"]))  # fmt: skip
     for n in sizes:
         x = torch.randn(n, dim, device=DEVICE, dtype=torch.float16)
         g_r = graph_us(lambda: triton_tier._quantize_rows(x, rotor))
@@ -137,9 +140,10 @@ def quantize_table(sizes: list[int], dim: int, bits: int) -> None:
         b_tr = busy_us(lambda: torch_tier.quantize(x, rotor))
         b_td = busy_us(lambda: torch_tier.quantize(x, dense))
         a_r = api_us(lambda: triton_tier.quantize(x, rotor))
+        a_ru = api_us(lambda: triton_tier.quantize(x, rotor, validate=False))
         a_tr = api_us(lambda: torch_tier.quantize(x, rotor))
         a_td = api_us(lambda: torch_tier.quantize(x, dense))
-        print(_row([n, g_r, g_d, b_r, b_tr, b_td, _ratio(b_td, b_r), a_r, a_tr, a_td, _ratio(a_td, a_r)]))
+        print(_row([n, g_r, g_d, b_r, b_tr, b_td, _ratio(b_td, b_r), a_r, a_ru, a_tr, a_td, _ratio(a_td, a_r)]))
 
 
 def quantize_sweep(n: int, dim: int, bits: int) -> None:
@@ -191,7 +195,7 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
     print(f"\n## decode attention, batch {batch}, {q_heads} q heads, {kv_heads} kv heads, head_dim {dim}, {bits}-bit K/V")
     print("GPU time: CUDA-graph replay (triton: its two kernels + query rotation; SDPA: the fp16 kernel)")
     print(_row(["context", "GPU triton compressed", "GPU SDPA fp16", "SDPA / triton (GPU)", "API triton",
-                "API SDPA", "SDPA / triton (API)", "MB read triton", "MB read SDPA",
+                "API triton unchecked", "API SDPA", "SDPA / triton (API)", "MB read triton", "MB read SDPA",
                 "max |triton - SDPA(dequantized fp16)|"]))  # fmt: skip
     for n in contexts:
         q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
@@ -200,14 +204,15 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
         sdpa = _sdpa(q, k, v)
         base = graph_us(sdpa)
         ours_api = api_us(lambda: triton_tier.attention(q, k_code, v_code, kp, vp))
+        unchecked_api = api_us(lambda: triton_tier.attention(q, k_code, v_code, kp, vp, lengths=lens, validate=False))
         base_api = api_us(sdpa)
         # same math on the dequantized cache, as a correctness spot check of the timed kernels
         check = _sdpa(q, triton_tier.dequantize(k_code, kp), triton_tier.dequantize(v_code, vp))()
         err = (triton_tier.attention(q, k_code, v_code, kp, vp).float() - check.float()).abs().max().item()
         ours_mb = (k_code.nbytes + v_code.nbytes) / 1e6
         base_mb = (k.numel() + v.numel()) * 2 / 1e6
-        print(_row([n, ours, base, _ratio(base, ours, 2), ours_api, base_api, _ratio(base_api, ours_api, 2),
-                    ours_mb, base_mb, f"{err:.2e}"]))  # fmt: skip
+        print(_row([n, ours, base, _ratio(base, ours, 2), ours_api, unchecked_api, base_api,
+                    _ratio(base_api, ours_api, 2), ours_mb, base_mb, f"{err:.2e}"]))  # fmt: skip
         del q, k, v, k_code, v_code
 
 

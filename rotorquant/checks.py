@@ -106,10 +106,22 @@ def check_lengths_range(lo: int, hi: int, kv_len: int, least: int = 1) -> None:
         raise ValueError(f"lengths: expected values in {least}..{kv_len}{why}, got values in {lo}..{hi}")
 
 
+def lengths_in_range(lengths, kv_len: int, least: int):
+    """Elementwise ``least <= lengths <= kv_len`` (NumPy array or torch tensor): the sequences whose
+    attention is defined. With ``validate=False`` the others get NaN rows instead of an error."""
+    return (lengths >= least) & (lengths <= kv_len)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """``value`` is a bool (Python or NumPy); returns it as a Python bool."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return bool(value)
+
+
 def check_causal(causal: object, q_len: int, kv_len: int) -> bool:
     """``causal`` is a bool; with it, the ``q_len`` queries fit in the ``kv_len`` cached keys."""
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    causal = check_bool("causal", causal)
     if causal and q_len > kv_len:
         raise ValueError(f"q: expected at most kv_len={kv_len} queries with causal=True, got q_len={q_len}")
-    return bool(causal)
+    return causal

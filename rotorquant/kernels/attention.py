@@ -16,7 +16,8 @@ Values stay in V's rotated domain: the split accumulates ``sum_n p_n v_n c[k_n]`
 running max ``mx`` and denominator ``l``.
 
 Pass 2, `attention_combine_kernel`: merges the splits (weights ``2^(mx_s - max)``), divides by
-``l`` and maps back to the original space once per query:
+``l`` (NaN for a sequence whose length is out of range, which only ``validate=False`` lets through)
+and maps back to the original space once per query:
 
     out = (acc / l) @ R_V + sqrt(pi/2)/m_V * (acc_qjl / l) @ S_V
 
@@ -97,7 +98,7 @@ def attention_split_kernel(
     row_ok = rows < R
     length = tl.load(lengths_ptr + bh // kv_heads)
     start = split * split_len
-    end = tl.minimum(start + split_len, length)
+    end = tl.minimum(tl.minimum(start + split_len, length), N)  # an unchecked length > N reads no further
     visible = length - (q_len - 1 - rows % q_len)  # (BLOCK_Q,) keys each row sees with CAUSAL
 
     q_row = bh * R + rows
@@ -184,6 +185,10 @@ def attention_combine_kernel(
     rot_ptr,  # (BLOCK_DV, BLOCK_DV) CDT V's rotation matrix R_V zero-padded (x = y @ R_V)
     smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT sqrt(pi/2) / mv * S_V zero-padded (scaled on the host)
     out_ptr,  # (BH, R, dv) output in the query dtype (float32 for bfloat16 queries)
+    lengths_ptr,  # (batch,) int32 keys attended to per sequence
+    kv_heads,  # KV heads (bh // kv_heads is the batch index)
+    N,  # cache length (keys per head)
+    least,  # smallest valid length: 1, or q_len with causal masking
     R,  # query rows per KV head
     dv: tl.constexpr,  # value dimension
     V_QJL: tl.constexpr,  # values carry a QJL sketch
@@ -215,6 +220,9 @@ def attention_combine_kernel(
             accq = tl.load(accq_ptr + part[:, None] * BLOCK_MV + mcols[None, :], mask=row_ok[:, None], other=0.0)
             yq += w[:, None] * accq
     denom = tl.where(row_ok, denom, 1.0)
+    # a length out of least..N (possible only with validate=False) makes every row of the sequence NaN
+    length = tl.load(lengths_ptr + bh // kv_heads)
+    denom = tl.where((length >= least) & (length <= N), denom, float("nan"))
     y = y / denom[:, None]
     yq = yq / denom[:, None]
     for c0 in tl.static_range(0, BLOCK_DV, BLOCK_C):

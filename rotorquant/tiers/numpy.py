@@ -27,14 +27,16 @@ from ..spec import NormDtype
 _NORM_DTYPES = {NormDtype.FLOAT32: np.float32, NormDtype.FLOAT16: np.float16}
 
 
-def _as_vectors(name: str, x: object, dim: int) -> np.ndarray:
-    """Validate ``x`` as real floating vectors ``(..., dim)`` and return it as float64."""
+def _as_vectors(name: str, x: object, dim: int, finite: bool = True) -> np.ndarray:
+    """Validate ``x`` as real floating vectors ``(..., dim)`` (finite unless ``finite=False``) and return it
+    as float64."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray, got {type(x).__name__}")
     checks.check_floating(name, x.dtype, np.issubdtype(x.dtype, np.floating))
     checks.check_last_dim(name, x.shape, dim)
     x = x.astype(np.float64)
-    checks.check_finite(name, bool(np.isfinite(x).all()))
+    if finite:
+        checks.check_finite(name, bool(np.isfinite(x).all()))
     return x
 
 
@@ -57,19 +59,35 @@ def rotate(u: np.ndarray, params: QuantParams, inverse: bool = False) -> np.ndar
     return rotate_groups(groups, rotors, inverse).reshape(padded.shape)[..., :d]
 
 
-def quantize(x: np.ndarray, params: QuantParams) -> Compressed:
-    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)``."""
+def quantize(x: np.ndarray, params: QuantParams, *, validate: bool = True) -> Compressed:
+    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)``.
+
+    ``validate=False`` skips the checks that read values (``x`` finite, every norm within the spec's
+    norm dtype): a vector that would fail them is stored with a non-finite norm, so it decodes to
+    non-finite values, never to finite wrong ones.
+    """
     checks.check_params(params)
     spec = params.spec
-    x64 = _as_vectors("x", x, spec.dim)
+    validate = checks.check_bool("validate", validate)
+    x64 = _as_vectors("x", x, spec.dim, finite=validate)
+    if not validate:
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows stay non-finite, silently
+            return _quantize(x64, params, x.dtype.name)
+    limit = float(np.finfo(_NORM_DTYPES[spec.norm_dtype]).max)
+    checks.check_norms_fit("x", float(np.linalg.norm(x64, axis=-1).max(initial=0.0)), limit, spec.norm_dtype.value)
+    return _quantize(x64, params, x.dtype.name)
+
+
+def _quantize(x64: np.ndarray, params: QuantParams, dtype: str) -> Compressed:
+    """`quantize` of float64 vectors ``x64 (..., d)``; ``dtype``: the input's dtype name."""
+    spec = params.spec
     norm_dtype = _NORM_DTYPES[spec.norm_dtype]
     norms = np.linalg.norm(x64, axis=-1)
-    checks.check_norms_fit("x", float(norms.max(initial=0.0)), float(np.finfo(norm_dtype).max), spec.norm_dtype.value)
     unit = x64 / np.where(norms > 0, norms, 1.0)[..., None]
     idx = np.searchsorted(params.boundaries, rotate(unit, params), side="right")
     levels = params.centroids[idx]
     scale = norms / np.linalg.norm(levels, axis=-1) if spec.norm_correction else norms
-    fields = dict(codes=pack_codes(idx, spec.mse_bits), norms=scale.astype(norm_dtype), spec=spec, dtype=x.dtype.name)
+    fields = dict(codes=pack_codes(idx, spec.mse_bits), norms=scale.astype(norm_dtype), spec=spec, dtype=dtype)
     if spec.qjl:
         residual = x64 - norms[..., None] * rotate(levels, params, inverse=True)
         fields["qjl_signs"] = pack_codes(residual @ params.qjl_matrix.T >= 0, 1)
@@ -118,6 +136,11 @@ def scores(q: np.ndarray, code: Compressed, params: QuantParams) -> np.ndarray:
         np.broadcast_shapes(q64.shape[:-2], code.shape[:-1])
     except ValueError:
         raise checks.broadcast_error("q", q64.shape[:-2], "code", code.shape[:-1]) from None
+    return _scores(q64, code, params)
+
+
+def _scores(q64: np.ndarray, code: Compressed, params: QuantParams) -> np.ndarray:
+    """`scores` of float64 queries ``q64 (..., M, d)`` (checked by the caller)."""
     out = q64 @ np.swapaxes(_mse_part(code, params), -1, -2)
     if params.spec.qjl:
         sketch = q64 @ params.qjl_matrix.T  # (..., M, m)
@@ -125,7 +148,9 @@ def scores(q: np.ndarray, code: Compressed, params: QuantParams) -> np.ndarray:
     return out
 
 
-def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False) -> np.ndarray:
+def attention(
+    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True
+) -> np.ndarray:
     """Decode attention over a compressed K/V cache.
 
     ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
@@ -137,28 +162,37 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
                                                     last T cached tokens, each sees itself and before
         out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
 
+    ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range): a query
+    with NaN or Inf then gets a non-finite output row, and every query of a sequence whose length is
+    out of range gets NaN, never a finite wrong row.
+
     Returns ``(B, Hq, T, d_v)`` float64.
     """
     checks.check_params(k_params)
     checks.check_params(v_params)
     checks.check_code("k_code", k_code, k_params)
     checks.check_code("v_code", v_code, v_params)
-    group = checks.check_attention_shapes(np.shape(q), k_code.shape, v_code.shape)
+    validate = checks.check_bool("validate", validate)
+    q64 = _as_vectors("q", q, k_params.spec.dim, finite=validate)
+    group = checks.check_attention_shapes(q64.shape, k_code.shape, v_code.shape)
     batch, kv_heads, kv_len = k_code.shape
-    q_len = q.shape[2]
+    q_len = q64.shape[2]
     causal = checks.check_causal(causal, q_len, kv_len)
-    s = scores(np.asarray(q).reshape(batch, kv_heads, group * q_len, q.shape[3]), k_code, k_params)
-    s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
     lengths = np.full(batch, kv_len) if lengths is None else np.asarray(lengths)
     checks.check_lengths_integer(lengths.dtype.kind in "iu", str(lengths.dtype))
     checks.check_lengths_shape(lengths.shape, batch)
     least = max(q_len, 1) if causal else 1
-    checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
+    if validate:
+        checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
     hidden = q_len - 1 - np.arange(q_len) if causal else np.zeros(q_len, dtype=np.int64)  # later queries' keys
     visible = lengths[:, None] - hidden  # (B, T)
     rows = np.tile(visible, group)  # (B, group * T): row g * T + t
+    s = _scores(q64.reshape(batch, kv_heads, group * q_len, -1), k_code, k_params)
+    s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
     s = np.where(np.arange(kv_len) < rows[:, None, :, None], s, -np.inf)
-    p = np.exp(s - s.max(axis=-1, keepdims=True))
-    p = p / p.sum(axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore"):  # reached only with validate=False: NaN rows, as documented
+        p = np.exp(s - s.max(axis=-1, keepdims=True))
+        p = p / p.sum(axis=-1, keepdims=True)
     out = p @ dequantize(v_code, v_params)  # (B, Hkv, group*T, d_v)
-    return out.reshape(batch, q.shape[1], q.shape[2], -1)
+    out[~checks.lengths_in_range(lengths, kv_len, least)] = np.nan
+    return out.reshape(batch, q64.shape[1], q_len, -1)

@@ -310,7 +310,9 @@ def _norms(flat: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
 
 def _nearest_centroid(y_scaled: torch.Tensor, dp: DeviceParams) -> torch.Tensor:
     """``k = #{i : y >= b_i}`` elementwise (uint8) from ``y_scaled = grid_scale * y`` via `boundary_grid`."""
-    cell = (y_scaled + dp.grid_offset).clamp_(0, len(dp.grid_base) - 1).to(torch.int32).view(-1)
+    # NaN (from a vector that `quantize(validate=False)` stores with a non-finite norm) goes to cell 0:
+    # an index, whatever the input, stays in range
+    cell = (y_scaled + dp.grid_offset).nan_to_num_(0.0).clamp_(0, len(dp.grid_base) - 1).to(torch.int32).view(-1)
     above = y_scaled.view(-1) >= dp.grid_next.index_select(0, cell)
     return dp.grid_base.index_select(0, cell).add_(above).view(y_scaled.shape)
 
@@ -338,10 +340,25 @@ def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: Q
         out["residual_norms"][:] = rnorm.to(out["residual_norms"].dtype)
 
 
-def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
-    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` on ``x``'s device."""
+def _check_norms(flat: torch.Tensor, s: torch.Tensor, norm_dtype: torch.dtype, spec) -> None:
+    """The rows ``flat (n, d)`` are finite and their norms ``s (n,)`` fit ``norm_dtype``."""
+    if not bool(torch.isfinite(s).all()):
+        checks.check_finite("x", bool(torch.isfinite(flat).all()))
+    max_norm = float(s.max()) if s.numel() else 0.0
+    checks.check_norms_fit("x", max_norm, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value)
+
+
+def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> Compressed:
+    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` on ``x``'s device.
+
+    ``validate=False`` skips the checks that read values (``x`` finite, every norm within the spec's
+    norm dtype; a vector that would fail them is stored with a non-finite norm, so it decodes to
+    non-finite values). One host synchronization remains: rows whose float32 norm is extreme are
+    found and redone in float64.
+    """
     checks.check_params(params)
     spec = params.spec
+    validate = checks.check_bool("validate", validate)
     x = check_vectors("x", x, spec.dim)
     compute = compute_dtype(x.dtype)
     dp = device_params(params, x.device, compute)
@@ -351,11 +368,9 @@ def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
         flat = flat.contiguous()
     n = flat.shape[0]
     s = _norms(flat, compute)
-    if not bool(torch.isfinite(s).all()):
-        checks.check_finite("x", bool(torch.isfinite(flat).all()))
     norm_dtype = NORM_DTYPES[spec.norm_dtype]
-    max_norm = float(s.max()) if n else 0.0
-    checks.check_norms_fit("x", max_norm, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value)
+    if validate:
+        _check_norms(flat, s, norm_dtype, spec)
 
     def empty(width, dtype):
         shape = (n,) if width is None else (n, width)
@@ -437,13 +452,17 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
     return _dequantize(code, params, dtype, compute_dtype(dtype)).reshape(*code.shape, params.spec.dim)
 
 
-def _scores(q: torch.Tensor, code: Compressed, params: QuantParams, name: str = "code") -> torch.Tensor:
-    """Checked `scores` in the compute dtype of ``q`` (``name``: the code's argument name in errors)."""
+def _scores(
+    q: torch.Tensor, code: Compressed, params: QuantParams, name: str = "code", finite: bool = True
+) -> torch.Tensor:
+    """Checked `scores` in the compute dtype of ``q`` (``name``: the code's argument name in errors;
+    ``finite=False``: ``q`` is not checked for NaN and Inf)."""
     checks.check_params(params)
     _check_torch_code(name, code, params)
     spec = params.spec
     q = check_vectors("q", q, spec.dim)
-    checks.check_finite("q", bool(torch.isfinite(q).all()))
+    if finite:
+        checks.check_finite("q", bool(torch.isfinite(q).all()))
     checks.check_min_ndim("q", tuple(q.shape), 2, "(..., M, dim)")
     checks.check_min_ndim(name, code.shape, 1, "(..., N)")
     _check_same_device(name, code, "q", q.device)
@@ -480,7 +499,9 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
     return _scores(q, code, params).to(q.dtype)
 
 
-def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False) -> torch.Tensor:
+def attention(
+    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True
+) -> torch.Tensor:
     """Decode attention over a compressed K/V cache, in ``q``'s dtype.
 
     ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
@@ -489,26 +510,35 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     ``causal=True`` (the queries are the sequence's last ``T`` cached tokens):
 
         out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
+
+    ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range), so the
+    call never synchronizes with the host when ``lengths`` is None or a tensor on ``q``'s device: a
+    query with NaN or Inf gets a non-finite output row, every query of a sequence whose length is out
+    of range gets NaN.
     """
     checks.check_params(k_params)
     checks.check_params(v_params)
     _check_torch_code("k_code", k_code, k_params)
     _check_torch_code("v_code", v_code, v_params)
+    validate = checks.check_bool("validate", validate)
     q = check_vectors("q", q, k_params.spec.dim)
     group = checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
     _check_same_device("v_code", v_code, "q", q.device)
     batch, kv_heads, kv_len = k_code.shape
     _, q_heads, q_len, dim = q.shape
     causal = checks.check_causal(causal, q_len, kv_len)
-    s = _scores(q.reshape(batch, kv_heads, group * q_len, dim), k_code, k_params, "k_code")
+    s = _scores(q.reshape(batch, kv_heads, group * q_len, dim), k_code, k_params, "k_code", finite=validate)
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
+    ok = None
     if lengths is not None or causal:
         on = {"device": q.device}
         lengths = torch.full((batch,), kv_len, **on) if lengths is None else torch.as_tensor(lengths, **on)
         check_lengths_dtype(lengths)
         checks.check_lengths_shape(tuple(lengths.shape), batch)
         least = max(q_len, 1) if causal else 1
-        checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
+        if validate:
+            checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
+        ok = checks.lengths_in_range(lengths, kv_len, least)
         hidden = torch.arange(q_len - 1, -1, -1, **on) if causal else torch.zeros(q_len, dtype=torch.int64, **on)
         rows = (lengths.to(torch.int64)[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t
         keep = torch.arange(kv_len, device=q.device) < rows[:, None, :, None]
@@ -516,4 +546,6 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
     p = torch.softmax(s, dim=-1)
     v = _dequantize(v_code, v_params, s.dtype, s.dtype)
     out = p @ v.view(batch, kv_heads, kv_len, v_params.spec.dim)
+    if ok is not None:
+        out = out.masked_fill(~ok[:, None, None, None], float("nan"))
     return out.reshape(batch, q_heads, q_len, -1).to(q.dtype)

@@ -284,17 +284,24 @@ def _check_norms(x: torch.Tensor, raw: torch.Tensor, spec: QuantizerSpec) -> Non
         checks.check_norms_fit("x", exact, limit, spec.norm_dtype.value)
 
 
-def quantize(x: torch.Tensor, params: QuantParams) -> Compressed:
-    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` (one fused kernel)."""
+def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> Compressed:
+    """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` (one fused kernel).
+
+    ``validate=False`` skips the one check that reads values (every norm finite and within the spec's
+    norm dtype; a vector that would fail it is stored with a non-finite norm, so it decodes to
+    non-finite values): the call then never synchronizes with the host, and CUDA graphs can capture it.
+    """
     checks.check_params(params)
     spec = params.spec
+    validate = checks.check_bool("validate", validate)
     x = _as_vectors("x", x, spec.dim)
     lead = tuple(x.shape[:-1])
     rows = x.reshape(-1, spec.dim)
     if rows.shape[0] and rows.stride(-1) != 1:
         rows = rows.contiguous()
     codes, norms, raw, signs, res = _quantize_rows(rows, params)
-    _check_norms(x, raw, spec)
+    if validate:
+        _check_norms(x, raw, spec)
     norm_dtype = NORM_DTYPES[spec.norm_dtype]
     fields = dict(
         codes=codes.reshape(*lead, spec.code_bytes),
@@ -398,14 +405,17 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
 # ---------------------------------------------------------------------------- attention
 
 
-def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, least: int) -> torch.Tensor:
-    """``lengths`` as int32 on ``device``, each in ``least..kv_len`` (all ``kv_len`` when None)."""
+def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, least: int, validate: bool) -> torch.Tensor:
+    """``lengths`` as int32 on ``device`` (all ``kv_len`` when None); with ``validate``, each in
+    ``least..kv_len`` (one host synchronization)."""
     if lengths is None:
         return torch.full((batch,), kv_len, dtype=torch.int32, device=device)
     t = torch.as_tensor(lengths)
     check_lengths_dtype(t)
     checks.check_lengths_shape(tuple(t.shape), batch)
-    checks.check_lengths_range(int(t.min()), int(t.max()), kv_len, least=least)
+    if validate:
+        lo, hi = torch.aminmax(t)
+        checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
     return t.to(device=device, dtype=torch.int32)
 
 
@@ -440,7 +450,9 @@ def _split_plan(programs: int, kv_len: int, block_n: int, device: torch.device, 
     return triton.cdiv(kv_len, split_len), split_len
 
 
-def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False) -> torch.Tensor:
+def attention(
+    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True
+) -> torch.Tensor:
     """Decode attention over a compressed K/V cache (split-K, online softmax; see `rotorquant.kernels.attention`).
 
     ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
@@ -449,12 +461,19 @@ def attention(q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None
 
         out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
 
+    ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range): with
+    ``lengths`` None or an integer tensor on ``q``'s device the call then never synchronizes with the
+    host, and CUDA graphs can capture it. A query with NaN or Inf gets a non-finite output row, every
+    query of a sequence whose length is out of range gets NaN (the kernels read no key past ``N``).
+
     Returns ``(B, Hq, T, d_v)`` in the query's dtype.
     """
-    return _attention(q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths, causal=causal, splits=None)
+    return _attention(
+        q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths, causal=causal, validate=validate
+    )
 
 
-def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=False, splits):
+def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=False, validate=True, splits=None):
     """`attention` with the number of key splits forced when ``splits`` is given (tests use it)."""
     checks.check_params(k_params)
     checks.check_params(v_params)
@@ -465,8 +484,11 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=
     _check_code_tensors("k_code", k_code, q.device)
     _check_code_tensors("v_code", v_code, q.device)
     causal = checks.check_causal(causal, q.shape[2], k_code.shape[2])
-    _check_finite("q", q)
-    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device, least=max(q.shape[2], 1) if causal else 1)
+    validate = checks.check_bool("validate", validate)
+    if validate:
+        _check_finite("q", q)
+    least = max(q.shape[2], 1) if causal else 1
+    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device, least, validate)
     return _attention_launch(
         q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, causal=causal, splits=splits
     )
@@ -535,8 +557,8 @@ def _attention_launch(
     )  # fmt: skip
     block_c = 16 if INTERPRETING else min(tv.block_d, max(16, 8192 // tv.block_d))
     attention_combine_kernel[(bh, row_blocks)](
-        mx, denom, acc, accq, tv.rmat, tv.smat if vspec.qjl else tv.rmat, out,
-        R=rows, dv=vspec.dim, splits=splits,
+        mx, denom, acc, accq, tv.rmat, tv.smat if vspec.qjl else tv.rmat, out, lens,
+        kv_heads=kv_heads, N=kv_len, least=max(q_len, 1) if causal else 1, R=rows, dv=vspec.dim, splits=splits,
         V_QJL=vspec.qjl, **_kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DV=tv.block_d, BLOCK_C=block_c,
         BLOCK_MV=tv.block_m, num_warps=_WARPS,
     )  # fmt: skip
