@@ -428,6 +428,52 @@ def test_attention_half_precision_error_budget(dtype):
     assert np.all(np.abs(_np(got) - want) <= budget)
 
 
+def _laid_out(code: rq.Compressed, layout: str) -> rq.Compressed:
+    """The cache ``code`` (leading ``(B, Hkv, N)``) with the same values in another memory layout:
+    ``token-major`` (stored ``(B, N, Hkv)``, viewed as ``(B, Hkv, N)``), ``slice`` (the first N keys
+    of a longer preallocated cache), ``strided-bytes`` (each packed row's bytes 2 apart: copied)."""
+
+    def move(t, packed):
+        if layout == "token-major":
+            perm = (0, 2, 1, 3) if packed else (0, 2, 1)
+            return t.permute(*perm).contiguous().permute(*perm)
+        if layout == "slice":
+            big = torch.zeros((*t.shape[:2], t.shape[2] + 5, *t.shape[3:]), dtype=t.dtype)
+            big[:, :, : t.shape[2]] = t
+            return big[:, :, : t.shape[2]]
+        if not packed:
+            return t
+        wide = torch.zeros((*t.shape[:-1], 2 * t.shape[-1]), dtype=t.dtype)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+
+    fields = {"codes": True, "norms": False, "qjl_signs": True, "residual_norms": False}
+    moved = {f: move(getattr(code, f), packed) for f, packed in fields.items() if getattr(code, f) is not None}
+    return dataclasses.replace(code, **moved)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout", ["token-major", "slice", "strided-bytes"])
+@pytest.mark.parametrize("k_kw", [{"dim": 32, "bits": 3, "qjl": True}, {"dim": 24, "bits": 2}])
+def test_attention_reads_caches_in_any_layout(layout, k_kw):
+    """Caches that are views (token-major storage, a slice of a longer cache) are read in place, with
+    results identical to the contiguous cache's; d = 24 at 2 bits has 6-byte rows (byte reads)."""
+    kp = _spec(**k_kw)
+    vp = _spec(**{**k_kw, "seed": 5, "qjl": not k_kw.get("qjl", False)})
+    q = _data((2, 4, 2, kp.spec.dim), seed=60)
+    k_code = tt.quantize(_data((2, 2, 37, kp.spec.dim), seed=61), kp)
+    v_code = tt.quantize(_data((2, 2, 37, vp.spec.dim), seed=62), vp)
+    k_view, v_view = _laid_out(k_code, layout), _laid_out(v_code, layout)
+    assert not k_view.codes.is_contiguous()
+    if layout != "strided-bytes":
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(tt._payload(k_view), (k_view.codes, k_view.norms)))
+    lengths = torch.tensor([37, 20])
+    for causal in (False, True):
+        want = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
+        got = tt._attention(q, k_view, v_view, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
+        assert torch.equal(got, want)
+
+
 def _one_byte_off(t):
     """A copy of the uint8 tensor ``t`` whose data starts one byte past a 4-byte boundary."""
     buf = torch.zeros(t.numel() + 1, dtype=torch.uint8, device=t.device)

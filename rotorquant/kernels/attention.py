@@ -46,16 +46,27 @@ def _unit_rows(
 def attention_split_kernel(
     qrot_ptr,  # (BH, R, BLOCK_DK) CDT pre-scaled rotated queries, zero-padded
     qsk_ptr,  # K QJL: (BH, R, BLOCK_MK) CDT pre-scaled query sketches, zero-padded
-    k_codes_ptr,  # (BH, N, k_code_bytes) uint8
-    k_norms_ptr,  # (BH, N) stored key norms
-    k_signs_ptr,  # K QJL: (BH, N, k_sign_bytes) uint8
-    k_res_ptr,  # K QJL: (BH, N) key residual norms
+    # The eight payload fields below are (batch, KV head, key)-indexed, each with its own element strides
+    # (s_b, s_h, s_n) given as *_sb, *_sh, *_sn (any layout: head-major, token-major, a slice of a
+    # bigger cache); a row's packed bytes are contiguous.
+    k_codes_ptr,  # (B, Hkv, N, k_code_bytes) uint8
+    k_norms_ptr,  # (B, Hkv, N) stored key norms
+    k_signs_ptr,  # K QJL: (B, Hkv, N, k_sign_bytes) uint8
+    k_res_ptr,  # K QJL: (B, Hkv, N) key residual norms
     k_cent_ptr,  # (2**K_BITS,) CDT key centroids
-    v_codes_ptr,  # (BH, N, v_code_bytes) uint8
-    v_norms_ptr,  # (BH, N) stored value norms
-    v_signs_ptr,  # V QJL: (BH, N, v_sign_bytes) uint8
-    v_res_ptr,  # V QJL: (BH, N) value residual norms
+    v_codes_ptr,  # (B, Hkv, N, v_code_bytes) uint8
+    v_norms_ptr,  # (B, Hkv, N) stored value norms
+    v_signs_ptr,  # V QJL: (B, Hkv, N, v_sign_bytes) uint8
+    v_res_ptr,  # V QJL: (B, Hkv, N) value residual norms
     v_cent_ptr,  # (2**V_BITS,) CDT value centroids
+    kc_sb, kc_sh, kc_sn,  # strides of k_codes (bytes)
+    kn_sb, kn_sh, kn_sn,  # strides of k_norms (elements)
+    ks_sb, ks_sh, ks_sn,  # strides of k_signs (bytes)
+    kr_sb, kr_sh, kr_sn,  # strides of k_res (elements)
+    vc_sb, vc_sh, vc_sn,  # strides of v_codes (bytes)
+    vn_sb, vn_sh, vn_sn,  # strides of v_norms (elements)
+    vs_sb, vs_sh, vs_sn,  # strides of v_signs (bytes)
+    vr_sb, vr_sh, vr_sn,  # strides of v_res (elements)
     lengths_ptr,  # (batch,) int32 keys to attend to per sequence
     mx_ptr,  # (BH, SPLITS, R) CDT output: running max (base 2), -inf for an empty split
     l_ptr,  # (BH, SPLITS, R) CDT output: softmax denominator
@@ -93,10 +104,11 @@ def attention_split_kernel(
     V_WORDS: tl.constexpr,  # V's packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
 ):
     bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // kv_heads, bh % kv_heads
     split = tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < R
-    length = tl.load(lengths_ptr + bh // kv_heads)
+    length = tl.load(lengths_ptr + b)
     start = split * split_len
     end = tl.minimum(tl.minimum(start + split_len, length), N)  # an unchecked length > N reads no further
     visible = length - (q_len - 1 - rows % q_len)  # (BLOCK_Q,) keys each row sees with CAUSAL
@@ -112,6 +124,16 @@ def attention_split_kernel(
         sk, sk_max = _unit_rows(sk)
         sk = sk.to(DOT_DTYPE)
 
+    # this (batch, head)'s rows of each field; key n's is at n * s_n from there
+    kc = k_codes_ptr + b * kc_sb + h * kc_sh
+    kn_at = k_norms_ptr + b * kn_sb + h * kn_sh
+    ks = k_signs_ptr + b * ks_sb + h * ks_sh
+    kr = k_res_ptr + b * kr_sb + h * kr_sh
+    vc = v_codes_ptr + b * vc_sb + h * vc_sh
+    vn_at = v_norms_ptr + b * vn_sb + h * vn_sh
+    vs = v_signs_ptr + b * vs_sb + h * vs_sh
+    vr = v_res_ptr + b * vr_sb + h * vr_sh
+
     mx = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
     denom = tl.zeros((BLOCK_Q,), dtype=CDT)
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=CDT)
@@ -119,19 +141,19 @@ def attention_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         k_ok = keys < end
-        key = bh * N + keys
+        n = keys.to(tl.int64)
         # logits of this key block (base 2)
         level = load_levels(
-            k_codes_ptr + key * k_code_bytes, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS,
+            kc + n * kc_sn, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS,
             BLOCK_N, BLOCK_DK, DOT_DTYPE, K_WORDS,
         )  # fmt: skip
-        kn = tl.load(k_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
+        kn = tl.load(kn_at + n * kn_sn, mask=k_ok, other=0.0).to(CDT)
         t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * q_max[:, None] * kn[None, :]
         if K_QJL:
             z = load_signs(
-                k_signs_ptr + key * k_sign_bytes, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, K_WORDS
+                ks + n * ks_sn, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, K_WORDS
             )
-            rho = tl.load(k_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
+            rho = tl.load(kr + n * kr_sn, mask=k_ok, other=0.0).to(CDT)
             t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
         if CAUSAL:
             t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
@@ -150,19 +172,19 @@ def attention_split_kernel(
         mx = mx_new
         # values, in V's rotated domain
         vlevel = load_levels(
-            v_codes_ptr + key * v_code_bytes, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS,
+            vc + n * vc_sn, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS,
             BLOCK_N, BLOCK_DV, DOT_DTYPE, V_WORDS,
         )  # fmt: skip
-        vn = tl.load(v_norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
+        vn = tl.load(vn_at + n * vn_sn, mask=k_ok, other=0.0).to(CDT)
         v_big = tl.max(vn, axis=0)
         v_big = tl.where(v_big > 0, v_big, 1.0)
         pv = (p * (vn / v_big)[None, :]).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(pv, vlevel, input_precision=DOT_PRECISION) * v_big
         if V_QJL:
             vz = load_signs(
-                v_signs_ptr + key * v_sign_bytes, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, V_WORDS
+                vs + n * vs_sn, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, V_WORDS
             )
-            vrho = tl.load(v_res_ptr + key, mask=k_ok, other=0.0).to(CDT)
+            vrho = tl.load(vr + n * vr_sn, mask=k_ok, other=0.0).to(CDT)
             r_big = tl.max(vrho, axis=0)
             r_big = tl.where(r_big > 0, r_big, 1.0)
             pr = (p * (vrho / r_big)[None, :]).to(DOT_DTYPE)

@@ -206,9 +206,15 @@ def _check_code_tensors(name: str, code: Compressed, device: torch.device | None
 
 
 def _words(*packed: torch.Tensor) -> bool:
-    """Whether the kernels may read these ``(rows, bytes)`` packed payloads as 32-bit words: every row
-    starts 4-byte aligned and is a whole number of words long (its byte length a multiple of 4)."""
-    return all(t.data_ptr() % 4 == 0 and t.shape[-1] % 4 == 0 for t in packed)
+    """Whether the kernels may read these ``(..., bytes)`` packed payloads (rows contiguous) as 32-bit words:
+    every row starts 4-byte aligned (the pointer and the strides of every dimension longer than 1 are
+    multiples of 4) and is a whole number of words long (its byte length a multiple of 4)."""
+    return all(
+        t.data_ptr() % 4 == 0
+        and t.shape[-1] % 4 == 0
+        and all(st % 4 == 0 for size, st in zip(t.shape[:-1], t.stride()[:-1]) if size > 1)
+        for t in packed
+    )
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -461,6 +467,10 @@ def attention(
 
         out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
 
+    The caches' fields may be views in any layout (stored token-major ``(B, N, Hkv, ...)`` and permuted, or
+    the first ``N`` keys of a longer preallocated cache): the kernel reads them in place through their
+    strides, with no copy, as long as each packed row's bytes are contiguous.
+
     ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range): with
     ``lengths`` None or an integer tensor on ``q``'s device the call then never synchronizes with the
     host, and CUDA graphs can capture it. A query with NaN or Inf gets a non-finite output row, every
@@ -492,6 +502,19 @@ def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=
     return _attention_launch(
         q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, causal=causal, splits=splits
     )
+
+
+def _payload(code: Compressed) -> tuple[torch.Tensor, ...]:
+    """``(codes, norms, signs, residual_norms)`` of a cache of leading shape ``(B, Hkv, N)`` as they lie in
+    memory (views, strides kept: head-major, token-major or a slice of a bigger cache is read in place);
+    only a packed row whose bytes are not contiguous is copied. Without QJL, codes and norms stand in
+    for the sign fields (never read)."""
+    codes = code.codes if code.codes.stride(-1) == 1 or code.codes.shape[-1] == 1 else code.codes.contiguous()
+    if code.spec.qjl:
+        signs = code.qjl_signs
+        signs = signs if signs.stride(-1) == 1 or signs.shape[-1] == 1 else signs.contiguous()
+        return codes, code.norms, signs, code.residual_norms
+    return codes, code.norms, codes, code.norms
 
 
 def _attention_launch(
@@ -531,20 +554,12 @@ def _attention_launch(
     acc = new((bh, splits, rows, tv.block_d))
     accq = new((bh, splits, rows, tv.block_m)) if vspec.qjl else acc
 
-    def payload(code, spec):
-        n = bh * kv_len
-        codes = code.codes.reshape(n, spec.code_bytes).contiguous()
-        norms = code.norms.reshape(n).contiguous()
-        if not spec.qjl:
-            return codes, norms, codes, norms
-        signs = code.qjl_signs.reshape(n, spec.sign_bytes).contiguous()
-        return codes, norms, signs, code.residual_norms.reshape(n).contiguous()
-
-    kc, kn, ks, kr = payload(k_code, kspec)
-    vc, vn, vs, vr = payload(v_code, vspec)
+    kc, kn, ks, kr = _payload(k_code)
+    vc, vn, vs, vr = _payload(v_code)
+    strides = [st for t in (kc, kn, ks, kr, vc, vn, vs, vr) for st in t.stride()[:3]]
     stages = {} if INTERPRETING else {"num_stages": launch.num_stages}
     attention_split_kernel[(bh, splits, row_blocks)](
-        q_rot, q_sk, kc, kn, ks, kr, tk.centroids, vc, vn, vs, vr, tv.centroids, lens,
+        q_rot, q_sk, kc, kn, ks, kr, tk.centroids, vc, vn, vs, vr, tv.centroids, *strides, lens,
         mx, denom, acc, accq,
         kv_heads=kv_heads, N=kv_len, R=rows, q_len=q_len, split_len=split_len, dk=kspec.dim, dv=vspec.dim,
         mk=kspec.qjl_dim, mv=vspec.qjl_dim, k_code_bytes=kspec.code_bytes, v_code_bytes=vspec.code_bytes,
