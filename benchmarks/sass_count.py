@@ -27,29 +27,46 @@ import argparse
 import collections
 import os
 import re
+from typing import NamedTuple
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("sass_count.py: unset TRITON_INTERPRET (it compiles for a GPU, it runs nothing)")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.tools.disasm import get_sass  # noqa: E402
 
 import rotorquant as rq  # noqa: E402
 from rotorquant.tiers import triton as tt  # noqa: E402
 
-POINTERS = {
-    torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float64: "*fp64",
-    torch.uint8: "*u8", torch.int32: "*i32",
-}  # fmt: skip
 CONTEXT = 4096  # keys per sequence (the loop body does not depend on it)
 
 
+class Launch(NamedTuple):
+    """One recorded launch: what `compile_for_sm90` needs to build the variant the JIT would build."""
+
+    sig: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+
+
+def _specialize(v, param) -> tuple[str, str]:
+    """``(type, attribute)`` of a runtime argument as Triton's JIT specializes it: an int equal to 1 becomes
+    the constant 1, ints and pointers divisible by 16 get ``"D"`` (a divisibility hint)."""
+    if isinstance(v, float):
+        return "fp32", ""
+    return native_specialize_impl(
+        BaseBackend, v, False, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+    )
+
+
 class Recorder:
-    """Stands in for a kernel: keeps the signature and options of every launch instead of running it
-    (``tests/test_triton_tier.py`` uses it to compile every kernel variant the tier launches)."""
+    """Stands in for a kernel: keeps the specialized signature and options of every launch instead of
+    running it (``tests/test_triton_tier.py`` uses it to compile every kernel variant the tier launches)."""
 
     def __init__(self, fn):
         self.fn, self.launches = fn, []
@@ -57,30 +74,29 @@ class Recorder:
     def __getitem__(self, grid):
         def launch(*args, num_warps, num_stages=None, **kwargs):
             bound = {**dict(zip(self.fn.arg_names, args)), **kwargs}
-            sig, constexprs = {}, {}
+            sig, constexprs, attrs = {}, {}, {}
             for i, p in enumerate(self.fn.params):
                 v = bound[p.name]
-                if p.is_constexpr:
-                    sig[p.name], constexprs[(i,)] = "constexpr", v
-                elif isinstance(v, torch.Tensor):
-                    sig[p.name] = POINTERS[v.dtype]
-                else:
-                    sig[p.name] = "fp32" if isinstance(v, float) else "i32"
+                kind, attr = ("constexpr", v) if p.is_constexpr else _specialize(v, p)
+                sig[p.name] = kind
+                if kind == "constexpr":
+                    constexprs[(i,)] = attr
+                elif attr:
+                    attrs[(i,)] = BaseBackend.parse_attr(attr)
             options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
-            self.launches.append((sig, constexprs, options))
+            self.launches.append(Launch(sig, constexprs, attrs, options))
 
         return launch
 
 
-def compile_for_sm90(fn, sig: dict, constexprs: dict, options: dict):
+def compile_for_sm90(fn, launch: Launch):
     """``fn`` compiled ahead of time for an sm_90 GPU with Triton's bundled ptxas."""
-    return triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=GPUTarget("cuda", 90, 32), options=options
-    )
+    source = ASTSource(fn=fn, signature=launch.sig, constexprs=launch.constexprs, attrs=launch.attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch.options)
 
 
-def record_attention(bits: int) -> tuple:
-    """``(signature, constexprs, options)`` of the split kernel's launch for the benchmark's shapes
+def record_attention(bits: int) -> Launch:
+    """The split kernel's launch for the benchmark's shapes
     (CPU tensors stand in for CUDA ones; nothing runs)."""
     params = rq.build_params(rq.QuantizerSpec(dim=128, bits=bits))
     spec = params.spec
@@ -103,8 +119,8 @@ def record_attention(bits: int) -> tuple:
     return recorder.launches[0]
 
 
-def record_quantize(rotation: str) -> tuple:
-    """``(signature, constexprs, options)`` of `quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits."""
+def record_quantize(rotation: str) -> Launch:
+    """`quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits."""
     params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation))
     kernel = tt.quantize_kernel
     tt.quantize_kernel = recorder = Recorder(kernel)
@@ -145,9 +161,9 @@ def _common(body: list[str]) -> str:
     return ", ".join(f"{op} {n}" for op, n in collections.Counter(map(opcode, body)).most_common(5))
 
 
-def _constexpr(sig: dict, constexprs: dict, name: str):
+def _constexpr(launch: Launch, name: str):
     """The value of the launch's constexpr ``name``."""
-    return constexprs[(list(sig).index(name),)]
+    return launch.constexprs[(list(launch.sig).index(name),)]
 
 
 def main() -> None:
@@ -158,22 +174,20 @@ def main() -> None:
     print("| bits | BLOCK_N | warps | loop instructions | per code (K and V) | most frequent |")
     print("|---:|---:|---:|---:|---:|---|")
     for bits in (int(b) for b in args.bits.split(",")):
-        sig, constexprs, options = record_attention(bits)
-        kernel = compile_for_sm90(tt.attention_split_kernel, sig, constexprs, options)
-        body = loop_body(get_sass(kernel.asm["cubin"]))
-        block_n = _constexpr(sig, constexprs, "BLOCK_N")
-        per_code = len(body) * options["num_warps"] * 32 / (2 * block_n * 128)
-        print(f"| {bits} | {block_n} | {options['num_warps']} | {len(body)} | {per_code:.1f} | {_common(body)} |")
+        launch = record_attention(bits)
+        body = loop_body(get_sass(compile_for_sm90(tt.attention_split_kernel, launch).asm["cubin"]))
+        block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
+        per_code = len(body) * warps * 32 / (2 * block_n * 128)
+        print(f"| {bits} | {block_n} | {warps} | {len(body)} | {per_code:.1f} | {_common(body)} |")
     print("\nQuantize (quantize_kernel), 3 bits\n")
     print("| rotation | vectors per program | warps | instructions | per coordinate | most frequent |")
     print("|---|---:|---:|---:|---:|---|")
     for rotation in ("rotor", "dense"):
-        sig, constexprs, options = record_quantize(rotation)
-        kernel = compile_for_sm90(tt.quantize_kernel, sig, constexprs, options)
-        body = kernel_body(get_sass(kernel.asm["cubin"]))
-        block_n = _constexpr(sig, constexprs, "BLOCK_N")
-        per_coord = len(body) * options["num_warps"] * 32 / (block_n * 128)
-        print(f"| {rotation} | {block_n} | {options['num_warps']} | {len(body)} | {per_coord:.1f} | {_common(body)} |")
+        launch = record_quantize(rotation)
+        body = kernel_body(get_sass(compile_for_sm90(tt.quantize_kernel, launch).asm["cubin"]))
+        block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
+        per_coord = len(body) * warps * 32 / (block_n * 128)
+        print(f"| {rotation} | {block_n} | {warps} | {len(body)} | {per_coord:.1f} | {_common(body)} |")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,13 @@ def check_finite(name: str, all_finite: bool) -> None:
         raise ValueError(f"{name}: expected finite values, got NaN or Inf")
 
 
-def check_norms_fit(name: str, max_norm: float, limit: float, norm_dtype: str) -> None:
+def check_norms_fit(name: str, max_norm: float, limit: float, norm_dtype: str, corrected: bool = False) -> None:
+    """The largest norm to store fits the norm dtype (``corrected``: it is ``||x|| / ||c[k]||``, norm_correction)."""
     if not max_norm <= limit:
+        stored = "; with norm_correction the stored ||x|| / ||c[k]||" if corrected else ""
         raise ValueError(
             f"{name}: expected vector norms <= {limit:g} (the largest finite {norm_dtype}, "
-            f"the spec's norm_dtype), got a norm of {max_norm:g}"
+            f"the spec's norm_dtype{stored}), got a norm of {max_norm:g}"
         )
 
 
@@ -61,6 +63,12 @@ def check_code(name: str, code: object, params: QuantParams) -> None:
         raise ValueError(f"{name}.norms: expected shape {code.shape}, got {tuple(code.norms.shape)}")
     if spec.qjl and (code.qjl_signs is None or code.residual_norms is None):
         raise ValueError(f"{name}: expected qjl_signs and residual_norms (spec.qjl=True), got None")
+    if spec.qjl and tuple(code.qjl_signs.shape) != (*code.shape, spec.sign_bytes):
+        raise ValueError(
+            f"{name}.qjl_signs: expected shape {(*code.shape, spec.sign_bytes)}, got {tuple(code.qjl_signs.shape)}"
+        )
+    if spec.qjl and tuple(code.residual_norms.shape) != code.shape:
+        raise ValueError(f"{name}.residual_norms: expected shape {code.shape}, got {tuple(code.residual_norms.shape)}")
 
 
 def broadcast_error(name: str, shape_a: tuple[int, ...], other: str, shape_b: tuple[int, ...]) -> ValueError:
@@ -83,6 +91,8 @@ def check_attention_shapes(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v
         raise ValueError(f"k_code: expected batch {q_shape[0]} (as q), got {k_shape[0]}")
     if k_shape[1] == 0 or q_shape[1] % k_shape[1]:
         raise ValueError(f"q: expected q_heads a multiple of kv_heads={k_shape[1]}, got {q_shape[1]}")
+    if k_shape[2] == 0:
+        raise ValueError(f"k_code: expected at least one cached key (kv_len >= 1), got leading shape {tuple(k_shape)}")
     return q_shape[1] // k_shape[1]
 
 

@@ -25,6 +25,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def stored_norms(values: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor:
+    """``values`` cast to ``norm_dtype``, every value past its largest finite one Inf (a plain cast rounds
+    values up to half an ulp past it down to that largest value, e.g. float16's 65504)."""
+    return torch.where(values > torch.finfo(norm_dtype).max, float("inf"), values).to(norm_dtype)
+
+
 def check_lengths_dtype(lengths: torch.Tensor) -> None:
     """Per-sequence lengths must be an integer tensor (not floating, complex or bool)."""
     dtype = lengths.dtype

@@ -466,12 +466,24 @@ def test_attention_reads_caches_in_any_layout(layout, k_kw):
     k_view, v_view = _laid_out(k_code, layout), _laid_out(v_code, layout)
     assert not k_view.codes.is_contiguous()
     if layout != "strided-bytes":
-        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(tt._payload(k_view), (k_view.codes, k_view.norms)))
+        fields = (k_view.codes, k_view.norms, k_view.qjl_signs, k_view.residual_norms)
+        assert all(b is None or a.data_ptr() == b.data_ptr() for a, b in zip(tt._payload(k_view), fields))
     lengths = torch.tensor([37, 20])
     for causal in (False, True):
         want = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
         got = tt._attention(q, k_view, v_view, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
         assert torch.equal(got, want)
+
+
+def test_word_reads_need_every_row_aligned():
+    """`_words`: the pointer, the row length and the stride of every dimension longer than 1 must be
+    multiples of 4 bytes (size-1 dimensions may have any stride)."""
+    rows = torch.zeros(2, 3, 5, 12, dtype=torch.uint8)
+    assert tt._words(rows) and tt._words(rows.permute(0, 2, 1, 3))  # head-major and token-major views
+    assert not tt._words(torch.zeros(2, 3, 15, dtype=torch.uint8)[..., :12])  # rows 15 bytes apart
+    assert not tt._words(torch.zeros(2, 3, 6, dtype=torch.uint8))  # 6-byte rows
+    assert not tt._words(_one_byte_off(rows))
+    assert tt._words(torch.zeros(1, 3, 12, dtype=torch.uint8).as_strided((1, 3, 12), (7, 12, 1)))
 
 
 def _one_byte_off(t):
@@ -573,8 +585,8 @@ drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16"
 drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
 drive(torch.float16, dim=64, bits=5, qjl=True, qjl_dim=32)
 variants = {repr((r.fn.__name__, launch)): (r.fn, launch) for r in recorders for launch in r.launches}
-for fn, (sig, constexprs, options) in variants.values():
-    k = compile_for_sm90(fn, sig, constexprs, options)
+for fn, launch in variants.values():
+    k = compile_for_sm90(fn, launch)
     print(fn.__name__, "shared", k.metadata.shared)
 """
 

@@ -13,6 +13,7 @@ In every tier present (see ``tests/tiers.py``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import numpy as np
 import pytest
@@ -127,6 +128,55 @@ def test_attention_unchecked_gives_nan_rows_for_lengths_out_of_range(tier, causa
         assert np.array_equal(out[4], valid[4])
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+def test_attention_unchecked_lengths_past_int32_do_not_wrap(tier):
+    """2**32 + 3 and 3 - 2**32 are out of range, not 3 (a cast to int32 would wrap them to 3)."""
+    k_code, v_code, kp, vp = _cache(tier, 3, 6)
+    q = _array(tier, _vectors((3, 4, 1, 32), 13))
+    big = [6, 2**32 + 3, 3 - 2**32]
+    lengths = np.array(big) if tier.device is None else torch.tensor(big, dtype=torch.int64, device=tier.device)
+    out = to_numpy(tier.module.attention(q, k_code, v_code, kp, vp, lengths=lengths, validate=False))
+    assert np.isfinite(out[0]).all() and np.isnan(out[1:]).all()
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_attention_needs_a_key_and_allows_empty_batches(tier, validate):
+    k_code, v_code, kp, vp = _cache(tier, 2, 3)
+    empty = tier.code(_rows_of_cache(k_code, 0), "float32"), tier.code(_rows_of_cache(v_code, 0), "float32")
+    q = _array(tier, _vectors((2, 4, 1, 32), 14))
+    with pytest.raises(ValueError, match=r"^k_code: expected at least one cached key \(kv_len >= 1\)"):
+        tier.module.attention(q, *empty, kp, vp, validate=validate)
+    for shape in ((0, 4, 1, 32), (2, 4, 0, 32)):
+        b = shape[0]
+        k, v = (tier.code(_rows_of_cache(c, 3, batch=b), "float32") for c in (k_code, v_code))
+        out = tier.module.attention(_array(tier, np.zeros(shape)), k, v, kp, vp, validate=validate)
+        assert tuple(out.shape) == shape
+
+
+def _rows_of_cache(code: rq.Compressed, n: int, batch: int | None = None) -> rq.Compressed:
+    """The first ``n`` keys (and ``batch`` sequences) of a cache, as a NumPy code."""
+    code = code_to_numpy(code)
+    b = slice(None) if batch is None else slice(0, batch)
+    pick = {f: getattr(code, f)[b, :, :n] for f in FIELDS if getattr(code, f) is not None}
+    return rq.Compressed(spec=code.spec, dtype=code.dtype, **pick)
+
+
+@pytest.mark.parametrize("norm_correction", [False, True])
+def test_norms_just_past_float16_are_refused_or_stored_as_inf(tier, norm_correction):
+    """With float16 norms, a norm of 65510 (rounds to 65504 in a plain cast) and, with norm correction, a
+    vector of norm 64000 (stored as 64000 / ||c[k]|| = 67650 > 65504) are refused; unchecked, they are
+    stored as Inf."""
+    params = rq.build_params(rq.QuantizerSpec(dim=32, bits=2, norm_dtype="float16", norm_correction=norm_correction))
+    x = _vectors((3, 32), 15)
+    x /= np.linalg.norm(x, axis=-1, keepdims=True)
+    x[0] *= 64000.0 if norm_correction else 65510.0  # row 0's ||c[k]|| is 1 / 1.057
+    x[2] *= 100.0
+    with pytest.raises(ValueError, match="^x: expected vector norms <= 65504" + (".*norm_correction" if norm_correction else "")):
+        tier.module.quantize(_array(tier, x), params)
+    norms = to_numpy(tier.module.quantize(_array(tier, x), params, validate=False).norms)
+    assert norms[0] == np.inf and np.isfinite(norms[1:]).all()
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:All-NaN slice encountered")
 def test_attention_unchecked_keeps_bad_queries_to_their_rows(tier):
     k_code, v_code, kp, vp = _cache(tier, 2, 5)
@@ -141,6 +191,17 @@ def test_attention_unchecked_keeps_bad_queries_to_their_rows(tier):
     q[bad] = 0.0
     valid = to_numpy(tier.module.attention(_array(tier, q), k_code, v_code, kp, vp))
     assert np.array_equal(out[~bad], valid[~bad])
+
+
+@pytest.mark.parametrize("validate", [True, False])
+@pytest.mark.parametrize("field", ["residual_norms", "qjl_signs"])
+def test_wrongly_shaped_qjl_fields_are_refused(tier, field, validate):
+    """Shapes need no values, so they are checked either way: a field too short would be read past its end."""
+    k_code, v_code, kp, vp = _cache(tier, 2, 5)
+    short = dataclasses.replace(k_code, **{field: getattr(k_code, field)[:, :, :1]})
+    q = _array(tier, _vectors((2, 4, 1, 32), 16))
+    with pytest.raises(ValueError, match=f"^k_code.{field}: expected shape"):
+        tier.module.attention(q, short, v_code, kp, vp, validate=validate)
 
 
 def test_validate_must_be_a_bool(tier):

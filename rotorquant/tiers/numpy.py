@@ -67,26 +67,27 @@ def quantize(x: np.ndarray, params: QuantParams, *, validate: bool = True) -> Co
     non-finite values, never to finite wrong ones.
     """
     checks.check_params(params)
-    spec = params.spec
     validate = checks.check_bool("validate", validate)
-    x64 = _as_vectors("x", x, spec.dim, finite=validate)
-    if not validate:
-        with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows stay non-finite, silently
-            return _quantize(x64, params, x.dtype.name)
-    limit = float(np.finfo(_NORM_DTYPES[spec.norm_dtype]).max)
-    checks.check_norms_fit("x", float(np.linalg.norm(x64, axis=-1).max(initial=0.0)), limit, spec.norm_dtype.value)
-    return _quantize(x64, params, x.dtype.name)
+    x64 = _as_vectors("x", x, params.spec.dim, finite=validate)
+    with np.errstate(invalid="ignore", over="ignore"):  # reached only by non-finite rows (validate=False)
+        return _quantize(x64, params, x.dtype.name, validate)
 
 
-def _quantize(x64: np.ndarray, params: QuantParams, dtype: str) -> Compressed:
+def _quantize(x64: np.ndarray, params: QuantParams, dtype: str, validate: bool) -> Compressed:
     """`quantize` of float64 vectors ``x64 (..., d)``; ``dtype``: the input's dtype name."""
     spec = params.spec
     norm_dtype = _NORM_DTYPES[spec.norm_dtype]
+    limit = float(np.finfo(norm_dtype).max)
     norms = np.linalg.norm(x64, axis=-1)
+    if validate:
+        checks.check_norms_fit("x", float(norms.max(initial=0.0)), limit, spec.norm_dtype.value)
     unit = x64 / np.where(norms > 0, norms, 1.0)[..., None]
     idx = np.searchsorted(params.boundaries, rotate(unit, params), side="right")
     levels = params.centroids[idx]
     scale = norms / np.linalg.norm(levels, axis=-1) if spec.norm_correction else norms
+    if validate and spec.norm_correction:
+        checks.check_norms_fit("x", float(scale.max(initial=0.0)), limit, spec.norm_dtype.value, corrected=True)
+    scale = np.where(scale > limit, np.inf, scale)  # validate=False: a norm past the dtype is Inf, never its max
     fields = dict(codes=pack_codes(idx, spec.mse_bits), norms=scale.astype(norm_dtype), spec=spec, dtype=dtype)
     if spec.qjl:
         residual = x64 - norms[..., None] * rotate(levels, params, inverse=True)
@@ -164,7 +165,9 @@ def attention(
 
     ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range): a query
     with NaN or Inf then gets a non-finite output row, and every query of a sequence whose length is
-    out of range gets NaN, never a finite wrong row.
+    out of range gets NaN, never a finite wrong row. (A non-finite cache entry, stored by
+    ``quantize(validate=False)``, makes every query that attends to it non-finite; ``0 * NaN`` may
+    spread it to other queries of its sequence and head.)
 
     Returns ``(B, Hq, T, d_v)`` float64.
     """
@@ -182,12 +185,12 @@ def attention(
     checks.check_lengths_integer(lengths.dtype.kind in "iu", str(lengths.dtype))
     checks.check_lengths_shape(lengths.shape, batch)
     least = max(q_len, 1) if causal else 1
-    if validate:
+    if validate and lengths.size:
         checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
     hidden = q_len - 1 - np.arange(q_len) if causal else np.zeros(q_len, dtype=np.int64)  # later queries' keys
     visible = lengths[:, None] - hidden  # (B, T)
     rows = np.tile(visible, group)  # (B, group * T): row g * T + t
-    s = _scores(q64.reshape(batch, kv_heads, group * q_len, -1), k_code, k_params)
+    s = _scores(q64.reshape(batch, kv_heads, group * q_len, q64.shape[3]), k_code, k_params)
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
     s = np.where(np.arange(kv_len) < rows[:, None, :, None], s, -np.inf)
     with np.errstate(invalid="ignore"):  # reached only with validate=False: NaN rows, as documented
@@ -195,4 +198,4 @@ def attention(
         p = p / p.sum(axis=-1, keepdims=True)
     out = p @ dequantize(v_code, v_params)  # (B, Hkv, group*T, d_v)
     out[~checks.lengths_in_range(lengths, kv_len, least)] = np.nan
-    return out.reshape(batch, q64.shape[1], q_len, -1)
+    return out.reshape(batch, q64.shape[1], q_len, v_params.spec.dim)

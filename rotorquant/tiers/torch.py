@@ -31,7 +31,15 @@ import torch
 from .. import checks
 from ..compressed import Compressed
 from ..params import QuantParams
-from ..torch_checks import NORM_DTYPES, check_lengths_dtype, check_vectors, compute_dtype, dtype_name, output_dtype
+from ..torch_checks import (
+    NORM_DTYPES,
+    check_lengths_dtype,
+    check_vectors,
+    compute_dtype,
+    dtype_name,
+    output_dtype,
+    stored_norms,
+)
 
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")  # the payload of a `Compressed`
 # Elements of one chunk of rows: small enough to stay in a CPU's L2/L3 cache, large enough
@@ -317,8 +325,9 @@ def _nearest_centroid(y_scaled: torch.Tensor, dp: DeviceParams) -> torch.Tensor:
     return dp.grid_base.index_select(0, cell).add_(above).view(y_scaled.shape)
 
 
-def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: QuantParams, out: dict) -> None:
-    """Quantize rows ``x (n, d)`` with norms ``s (n,)`` into the slices ``out[field] (n, ...)``."""
+def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: QuantParams, out: dict) -> torch.Tensor:
+    """Quantize rows ``x (n, d)`` with norms ``s (n,)`` into the slices ``out[field] (n, ...)``; returns the
+    largest norm to store (a 0-dim tensor; past the norm dtype it is stored as Inf)."""
     spec = params.spec
     compute = dp.centroids.dtype
     safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
@@ -331,13 +340,14 @@ def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: Q
         levels = dp.centroids.index_select(0, idx.view(-1).to(torch.int32)).view(idx.shape)
         if spec.norm_correction:
             scale = s / torch.linalg.vector_norm(levels, dim=-1, dtype=torch.float64)
-    out["norms"][:] = scale.to(out["norms"].dtype)
+    out["norms"][:] = stored_norms(scale, out["norms"].dtype)
     if spec.qjl:
         unit_residual = u - dp.inverse(levels)  # r = s * unit_residual
         projected = unit_residual @ dp.qjl_matrix.T
         out["qjl_signs"][:] = pack_bits(projected * (s > 0)[:, None].to(compute) >= 0, 1)
         rnorm = s * torch.linalg.vector_norm(unit_residual, dim=-1, dtype=torch.float64)
         out["residual_norms"][:] = rnorm.to(out["residual_norms"].dtype)
+    return scale.amax()
 
 
 def _check_norms(flat: torch.Tensor, s: torch.Tensor, norm_dtype: torch.dtype, spec) -> None:
@@ -381,9 +391,13 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
         out["qjl_signs"] = empty(spec.sign_bytes, torch.uint8)
         out["residual_norms"] = empty(None, norm_dtype)
     step = _rows(spec.dim, x.device)
+    largest = []
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        _quantize_rows(flat[rows], s[rows], dp, params, {k: v[rows] for k, v in out.items()})
+        largest.append(_quantize_rows(flat[rows], s[rows], dp, params, {k: v[rows] for k, v in out.items()}))
+    if validate and spec.norm_correction and largest:
+        biggest = float(torch.stack(largest).max())
+        checks.check_norms_fit("x", biggest, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value, corrected=True)
     fields = {k: v.reshape((*lead, *v.shape[1:])) for k, v in out.items()}
     return Compressed(spec=spec, dtype=dtype_name(x.dtype), **fields)
 
@@ -514,7 +528,8 @@ def attention(
     ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range), so the
     call never synchronizes with the host when ``lengths`` is None or a tensor on ``q``'s device: a
     query with NaN or Inf gets a non-finite output row, every query of a sequence whose length is out
-    of range gets NaN.
+    of range gets NaN. (A non-finite cache entry, stored by ``quantize(validate=False)``, makes every query
+    that attends to it non-finite; ``0 * NaN`` may spread it to other queries of its sequence and head.)
     """
     checks.check_params(k_params)
     checks.check_params(v_params)
@@ -536,8 +551,9 @@ def attention(
         check_lengths_dtype(lengths)
         checks.check_lengths_shape(tuple(lengths.shape), batch)
         least = max(q_len, 1) if causal else 1
-        if validate:
-            checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
+        if validate and lengths.numel():
+            lo, hi = torch.aminmax(lengths)
+            checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
         ok = checks.lengths_in_range(lengths, kv_len, least)
         hidden = torch.arange(q_len - 1, -1, -1, **on) if causal else torch.zeros(q_len, dtype=torch.int64, **on)
         rows = (lengths.to(torch.int64)[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t
@@ -548,4 +564,4 @@ def attention(
     out = p @ v.view(batch, kv_heads, kv_len, v_params.spec.dim)
     if ok is not None:
         out = out.masked_fill(~ok[:, None, None, None], float("nan"))
-    return out.reshape(batch, q_heads, q_len, -1).to(q.dtype)
+    return out.reshape(batch, q_heads, q_len, v_params.spec.dim).to(q.dtype)

@@ -44,7 +44,15 @@ from ..kernels.quantize import quantize_kernel
 from ..kernels.scores import scores_kernel
 from ..params import QuantParams
 from ..spec import QuantizerSpec
-from ..torch_checks import NORM_DTYPES, check_lengths_dtype, check_vectors, compute_dtype, dtype_name, output_dtype
+from ..torch_checks import (
+    NORM_DTYPES,
+    check_lengths_dtype,
+    check_vectors,
+    compute_dtype,
+    dtype_name,
+    output_dtype,
+    stored_norms,
+)
 
 __all__ = ["attention", "dequantize", "quantize", "scores"]
 
@@ -197,10 +205,6 @@ def _check_code_tensors(name: str, code: Compressed, device: torch.device | None
         if t.device != device:
             raise ValueError(f"{name}.{field}: expected device {device}, got {t.device}")
         _check_device(f"{name}.{field}", t.device)
-    if spec.qjl and tuple(code.qjl_signs.shape) != (*code.shape, spec.sign_bytes):
-        raise ValueError(
-            f"{name}.qjl_signs: expected shape {(*code.shape, spec.sign_bytes)}, got {tuple(code.qjl_signs.shape)}"
-        )
     return device
 
 
@@ -279,15 +283,17 @@ def _quantize_rows(
     return codes, norms, raw, signs, res
 
 
-def _check_norms(x: torch.Tensor, raw: torch.Tensor, spec: QuantizerSpec) -> None:
-    """One synchronization: the kernel's norms are finite and fit the norm dtype, else the reference's errors."""
+def _check_norms(x: torch.Tensor, raw: torch.Tensor, norms: torch.Tensor, spec: QuantizerSpec) -> None:
+    """One synchronization: the kernel's norms ``raw`` are finite and they and the norms to store fit the
+    norm dtype, else the reference's errors."""
     if raw.numel() == 0:
         return
     limit = float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max)
-    if bool((~torch.isfinite(raw)).any() | (raw.amax() > limit)):
+    if bool((~torch.isfinite(raw)).any() | (raw.amax() > limit) | (norms.amax() > limit)):
         _check_finite("x", x)
         exact = float(torch.linalg.vector_norm(x.to(torch.float64), dim=-1).max())
         checks.check_norms_fit("x", exact, limit, spec.norm_dtype.value)
+        checks.check_norms_fit("x", float(norms.max()), limit, spec.norm_dtype.value, corrected=True)
 
 
 def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> Compressed:
@@ -307,11 +313,11 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
         rows = rows.contiguous()
     codes, norms, raw, signs, res = _quantize_rows(rows, params)
     if validate:
-        _check_norms(x, raw, spec)
+        _check_norms(x, raw, norms, spec)
     norm_dtype = NORM_DTYPES[spec.norm_dtype]
     fields = dict(
         codes=codes.reshape(*lead, spec.code_bytes),
-        norms=norms.to(norm_dtype).reshape(lead),
+        norms=stored_norms(norms, norm_dtype).reshape(lead),
         spec=spec,
         dtype=dtype_name(x.dtype),
     )
@@ -419,10 +425,11 @@ def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, lea
     t = torch.as_tensor(lengths)
     check_lengths_dtype(t)
     checks.check_lengths_shape(tuple(t.shape), batch)
-    if validate:
+    if validate and t.numel():
         lo, hi = torch.aminmax(t)
         checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
-    return t.to(device=device, dtype=torch.int32)
+    # unchecked lengths past int32 must not wrap into range: any value outside 0..kv_len + 1 is as bad as these
+    return t.to(device=device, dtype=torch.int64).clamp(-1, kv_len + 1).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -474,7 +481,9 @@ def attention(
     ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range): with
     ``lengths`` None or an integer tensor on ``q``'s device the call then never synchronizes with the
     host, and CUDA graphs can capture it. A query with NaN or Inf gets a non-finite output row, every
-    query of a sequence whose length is out of range gets NaN (the kernels read no key past ``N``).
+    query of a sequence whose length is out of range gets NaN (the kernels read no key past ``N``). A
+    non-finite cache entry, stored by ``quantize(validate=False)``, makes every query that attends to it
+    non-finite; ``0 * NaN`` may spread it to other queries of its sequence and head.
 
     Returns ``(B, Hq, T, d_v)`` in the query's dtype.
     """
