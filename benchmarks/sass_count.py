@@ -72,7 +72,7 @@ class Recorder:
         self.fn, self.launches = fn, []
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps, num_stages=None, **kwargs):
+        def launch(*args, num_warps, num_stages=None, enable_fp_fusion=True, **kwargs):
             bound = {**dict(zip(self.fn.arg_names, args)), **kwargs}
             sig, constexprs, attrs = {}, {}, {}
             for i, p in enumerate(self.fn.params):
@@ -83,7 +83,8 @@ class Recorder:
                     constexprs[(i,)] = attr
                 elif attr:
                     attrs[(i,)] = BaseBackend.parse_attr(attr)
-            options = {"num_warps": num_warps, **({"num_stages": num_stages} if num_stages else {})}
+            options = {"num_warps": num_warps, "enable_fp_fusion": enable_fp_fusion}
+            options.update({"num_stages": num_stages} if num_stages else {})
             self.launches.append(Launch(sig, constexprs, attrs, options))
 
         return launch

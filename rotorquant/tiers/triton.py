@@ -65,6 +65,9 @@ _LOG2E = 1.0 / math.log(2.0)
 _TF32X3 = "ieee" if INTERPRETING else "tf32x3"
 # 8 warps: every kernel compiles for sm_90 without register spills at d = 128 (4 warps spill).
 _WARPS = 8
+# Multiply-adds fused into FMAs, as Triton has always defaulted to; stated on every launch because
+# Triton 3.9 warns that 3.10 will default to unfused, which would change the kernels' rounding.
+_FUSED = {"enable_fp_fusion": True}
 _SQRT_HALF_PI = math.sqrt(math.pi / 2)
 
 
@@ -278,7 +281,7 @@ def _quantize_rows(
             **_kernel_dtypes(compute), BITS=spec.mse_bits, DENSE=params.rotation is not None, QJL=spec.qjl,
             NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
             BLOCK_N=block_n, BLOCK_D=tab.block_d,
-            BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=num_warps,
+            BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=num_warps, **_FUSED,
         )  # fmt: skip
     return codes, norms, raw, signs, res
 
@@ -355,7 +358,7 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
             tab.smat if spec.qjl else tab.centroids, spec.qjl_dim,
             **_kernel_dtypes(compute_dtype(out_dtype)), BITS=spec.mse_bits, DENSE=params.rotation is not None,
             QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m,
-            WORDS=_words(codes, signs), num_warps=_WARPS,
+            WORDS=_words(codes, signs), num_warps=_WARPS, **_FUSED,
         )  # fmt: skip
     return out.to(out_dtype).reshape(*lead, spec.dim)
 
@@ -409,7 +412,7 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
             q_rot, q_sk, codes, norms, signs, res, tab.centroids, out,
             big_m, big_n, spec.dim, spec.qjl_dim, spec.code_bytes, spec.sign_bytes,
             **_kernel_dtypes(compute), BITS=spec.mse_bits, QJL=spec.qjl, BLOCK_Q=block_q, BLOCK_N=block_n,
-            BLOCK_D=tab.block_d, BLOCK_M=tab.block_m, WORDS=_words(codes, signs), num_warps=_WARPS,
+            BLOCK_D=tab.block_d, BLOCK_M=tab.block_m, WORDS=_words(codes, signs), num_warps=_WARPS, **_FUSED,
         )  # fmt: skip
     return out.to(q.dtype).reshape(*lead, big_m, big_n)
 
@@ -577,13 +580,13 @@ def _attention_launch(
         DOT_DTYPE=tl.float16 if half else _kernel_dtypes(compute)["CDT"], **_kernel_dtypes(compute),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
         BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=_words(kc, ks), V_WORDS=_words(vc, vs),
-        num_warps=launch.num_warps, **stages,
+        num_warps=launch.num_warps, **stages, **_FUSED,
     )  # fmt: skip
     block_c = 16 if INTERPRETING else min(tv.block_d, max(16, 8192 // tv.block_d))
     attention_combine_kernel[(bh, row_blocks)](
         mx, denom, acc, accq, tv.rmat, tv.smat if vspec.qjl else tv.rmat, out, lens,
         kv_heads=kv_heads, N=kv_len, least=max(q_len, 1) if causal else 1, R=rows, dv=vspec.dim, splits=splits,
         V_QJL=vspec.qjl, **_kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DV=tv.block_d, BLOCK_C=block_c,
-        BLOCK_MV=tv.block_m, num_warps=_WARPS,
+        BLOCK_MV=tv.block_m, num_warps=_WARPS, **_FUSED,
     )  # fmt: skip
     return out.to(q.dtype).reshape(batch, q.shape[1], q_len, vspec.dim)
