@@ -26,6 +26,7 @@ with 3-bit rotors, against `torch.nn.functional.scaled_dot_product_attention` on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import statistics
@@ -189,18 +190,44 @@ def _cache(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, kp, vp):
     return q, k, v, triton_tier.quantize(k, kp), triton_tier.quantize(v, vp)
 
 
+def _paged(code: rq.Compressed, page: int) -> rq.Compressed:
+    """The cache ``(B, Hkv, N)`` as a pool ``(B * N / page, Hkv, page)`` of blocks: block ``b * N / page + j``
+    holds keys ``j * page ..`` of sequence ``b``."""
+
+    def pool(t):
+        b, h, n = t.shape[:3]
+        blocks = t.reshape(b, h, n // page, page, *t.shape[3:]).transpose(1, 2)
+        return blocks.reshape(b * (n // page), h, page, *t.shape[3:]).contiguous()
+
+    fields = ("codes", "norms", "qjl_signs", "residual_norms")
+    return dataclasses.replace(code, **{f: pool(getattr(code, f)) for f in fields if getattr(code, f) is not None})
+
+
+def _block_table(batch: int, blocks_per_sequence: int, seed: int) -> torch.Tensor:
+    """Each sequence's blocks of `_paged`'s pool, the rows shuffled across the pool (as an allocator
+    would leave them): the table is a permutation, so the pool is read in scattered order."""
+    order = torch.randperm(batch * blocks_per_sequence, generator=torch.Generator().manual_seed(seed))
+    return order.reshape(batch, blocks_per_sequence).to(device=DEVICE, dtype=torch.int32)
+
+
 def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int, dim: int, bits: int) -> None:
     kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0))
     vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
     print(f"\n## decode attention, batch {batch}, {q_heads} q heads, {kv_heads} kv heads, head_dim {dim}, {bits}-bit K/V")
     print("GPU time: CUDA-graph replay (triton: its two kernels + query rotation; SDPA: the fp16 kernel)")
-    print(_row(["context", "GPU triton compressed", "GPU SDPA fp16", "SDPA / triton (GPU)", "API triton",
+    print("paged: the same codes as a pool of 16-key blocks, read in shuffled order through a block table (timing only)")
+    print(_row(["context", "GPU triton compressed", "GPU triton paged", "GPU SDPA fp16", "SDPA / triton (GPU)", "API triton",
                 "API triton unchecked", "API SDPA", "SDPA / triton (API)", "MB read triton", "MB read SDPA",
                 "max |triton - SDPA(dequantized fp16)|"]))  # fmt: skip
     for n in contexts:
         q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
         lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
         ours = graph_us(lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens))
+        pool_k, pool_v, table = _paged(k_code, 16), _paged(v_code, 16), _block_table(batch, n // 16, seed=n)
+        paged = graph_us(
+            lambda: triton_tier._attention_launch(q, pool_k, pool_v, kp, vp, scale=None, lens=lens, block_table=table)
+        )
+        del pool_k, pool_v
         sdpa = _sdpa(q, k, v)
         base = graph_us(sdpa)
         ours_api = api_us(lambda: triton_tier.attention(q, k_code, v_code, kp, vp))
@@ -211,7 +238,7 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
         err = (triton_tier.attention(q, k_code, v_code, kp, vp).float() - check.float()).abs().max().item()
         ours_mb = (k_code.nbytes + v_code.nbytes) / 1e6
         base_mb = (k.numel() + v.numel()) * 2 / 1e6
-        print(_row([n, ours, base, _ratio(base, ours, 2), ours_api, unchecked_api, base_api,
+        print(_row([n, ours, paged, base, _ratio(base, ours, 2), ours_api, unchecked_api, base_api,
                     _ratio(base_api, ours_api, 2), ours_mb, base_mb, f"{err:.2e}"]))  # fmt: skip
         del q, k, v, k_code, v_code
 

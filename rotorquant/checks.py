@@ -96,6 +96,27 @@ def check_attention_shapes(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v
     return q_shape[1] // k_shape[1]
 
 
+def check_block_table_shape(shape: tuple[int, ...], batch: int) -> None:
+    """A block table is ``(batch, max_blocks)``: one row per sequence."""
+    if len(shape) != 2 or shape[0] != batch:
+        raise ValueError(f"block_table: expected shape (batch={batch}, max_blocks), got {tuple(shape)}")
+
+
+def check_block_table_integer(is_integer: bool, dtype: str) -> None:
+    """Block ids are integers."""
+    if not is_integer:
+        raise TypeError(f"block_table: expected integers, got dtype {dtype}")
+
+
+def check_block_ids(bad_batches: list[int], num_blocks: int) -> None:
+    """No sequence names a block out of range where its keys (below ``lengths``) lie."""
+    if bad_batches:
+        raise ValueError(
+            f"block_table: expected block ids in 0..{num_blocks - 1} for every block holding keys below "
+            f"lengths, got ids out of range in sequences {bad_batches[:8]}"
+        )
+
+
 def check_lengths_integer(is_integer: bool, dtype: str) -> None:
     """Per-sequence lengths are integers (not floats, complex or bools)."""
     if not is_integer:

@@ -31,11 +31,18 @@ def stored_norms(values: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor:
     return torch.where(values > torch.finfo(norm_dtype).max, float("inf"), values).to(norm_dtype)
 
 
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def check_lengths_dtype(lengths: torch.Tensor) -> None:
     """Per-sequence lengths must be an integer tensor (not floating, complex or bool)."""
-    dtype = lengths.dtype
-    is_integer = not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-    checks.check_lengths_integer(is_integer, dtype_name(dtype))
+    checks.check_lengths_integer(_is_integer(lengths.dtype), dtype_name(lengths.dtype))
+
+
+def check_block_table_dtype(table: torch.Tensor) -> None:
+    """Block ids must be an integer tensor (not floating, complex or bool)."""
+    checks.check_block_table_integer(_is_integer(table.dtype), dtype_name(table.dtype))
 
 
 def check_vectors(name: str, x: object, dim: int) -> torch.Tensor:

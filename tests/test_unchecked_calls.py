@@ -242,12 +242,15 @@ def test_unchecked_attention_reads_nothing_back(tier):
     k_code, v_code, kp, vp = _cache(tier, 2, 5)
     q = _array(tier, _vectors((2, 4, 3, 32), 8))
     lengths = _lengths(tier, [5, 3])
+    table = torch.tensor([[0], [1]], device=tier.device)  # the cache as a pool of 2 blocks of 5 keys: the same cache
     want = tier.module.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=True)
     with no_host_reads():
         got = tier.module.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=True, validate=False)
+        paged = tier.module.attention(q, k_code, v_code, kp, vp, lengths=lengths, block_table=table, causal=True,
+                                      validate=False)  # fmt: skip
         with pytest.raises(AssertionError, match="read a value back to the host"):  # the checks do read values
             tier.module.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=True)
-    assert torch.equal(got, want)
+    assert torch.equal(got, want) and torch.equal(paged, want)
 
 
 TRITON = [t for t in TIERS if t.name == "triton"]

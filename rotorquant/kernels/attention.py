@@ -48,7 +48,8 @@ def attention_split_kernel(
     qsk_ptr,  # K QJL: (BH, R, BLOCK_MK) CDT pre-scaled query sketches, zero-padded
     # The eight payload fields below are (batch, KV head, key)-indexed, each with its own element strides
     # (s_b, s_h, s_n) given as *_sb, *_sh, *_sn (any layout: head-major, token-major, a slice of a
-    # bigger cache); a row's packed bytes are contiguous.
+    # bigger cache); a row's packed bytes are contiguous. Paged (PAGE > 0): (block, KV head, slot) instead,
+    # key n of sequence b in slot n % PAGE of block table[b, n // PAGE].
     k_codes_ptr,  # (B, Hkv, N, k_code_bytes) uint8
     k_norms_ptr,  # (B, Hkv, N) stored key norms
     k_signs_ptr,  # K QJL: (B, Hkv, N, k_sign_bytes) uint8
@@ -68,6 +69,9 @@ def attention_split_kernel(
     vs_sb, vs_sh, vs_sn,  # strides of v_signs (bytes)
     vr_sb, vr_sh, vr_sn,  # strides of v_res (elements)
     lengths_ptr,  # (batch,) int32 keys to attend to per sequence
+    table_ptr,  # paged: (batch, max_blocks) int32 block table, row stride table_stride, unit column stride
+    table_stride,  # paged: elements between the block table's rows
+    num_blocks,  # paged: blocks in the cache; an id outside 0..num_blocks - 1 makes the sequence NaN
     mx_ptr,  # (BH, SPLITS, R) CDT output: running max (base 2), -inf for an empty split
     l_ptr,  # (BH, SPLITS, R) CDT output: softmax denominator
     acc_ptr,  # (BH, SPLITS, R, BLOCK_DV) CDT output: rotated-domain value sum
@@ -90,6 +94,7 @@ def attention_split_kernel(
     K_QJL: tl.constexpr,  # keys carry a QJL sketch
     V_QJL: tl.constexpr,  # values carry a QJL sketch
     CAUSAL: tl.constexpr,  # query t sees only the first length - (q_len - 1 - t) keys
+    PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
     splits,  # number of key splits
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_DTYPE: tl.constexpr,  # tl.float16 (half-precision queries) or CDT: operand dtype of the tl.dots
@@ -124,15 +129,20 @@ def attention_split_kernel(
         sk, sk_max = _unit_rows(sk)
         sk = sk.to(DOT_DTYPE)
 
-    # this (batch, head)'s rows of each field; key n's is at n * s_n from there
-    kc = k_codes_ptr + b * kc_sb + h * kc_sh
-    kn_at = k_norms_ptr + b * kn_sb + h * kn_sh
-    ks = k_signs_ptr + b * ks_sb + h * ks_sh
-    kr = k_res_ptr + b * kr_sb + h * kr_sh
-    vc = v_codes_ptr + b * vc_sb + h * vc_sh
-    vn_at = v_norms_ptr + b * vn_sb + h * vn_sh
-    vs = v_signs_ptr + b * vs_sb + h * vs_sh
-    vr = v_res_ptr + b * vr_sb + h * vr_sh
+    # this head's rows of each field (and this sequence's, unless paged)
+    if PAGE:
+        seq = tl.zeros((), dtype=tl.int64)
+    else:
+        seq = b
+    kc = k_codes_ptr + seq * kc_sb + h * kc_sh
+    kn_at = k_norms_ptr + seq * kn_sb + h * kn_sh
+    ks = k_signs_ptr + seq * ks_sb + h * ks_sh
+    kr = k_res_ptr + seq * kr_sb + h * kr_sh
+    vc = v_codes_ptr + seq * vc_sb + h * vc_sh
+    vn_at = v_norms_ptr + seq * vn_sb + h * vn_sh
+    vs = v_signs_ptr + seq * vs_sb + h * vs_sh
+    vr = v_res_ptr + seq * vr_sb + h * vr_sh
+    bad_ids = tl.zeros((BLOCK_N,), dtype=tl.int32)  # paged: keys whose block id is out of range
 
     mx = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
     denom = tl.zeros((BLOCK_Q,), dtype=CDT)
@@ -141,19 +151,27 @@ def attention_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         k_ok = keys < end
-        n = keys.to(tl.int64)
+        if PAGE:  # key n: slot n % PAGE of block table[b, n // PAGE] (block 0 stands in for a bad id)
+            blk = tl.load(table_ptr + b * table_stride + keys // PAGE, mask=k_ok, other=0)
+            blk_ok = (blk >= 0) & (blk < num_blocks)
+            bad_ids += (k_ok & ~blk_ok).to(tl.int32)
+            outer = tl.where(blk_ok, blk, 0).to(tl.int64)
+            n = (keys % PAGE).to(tl.int64)
+        else:  # key n: n * s_n past the sequence's row
+            outer = tl.zeros((BLOCK_N,), dtype=tl.int64)
+            n = keys.to(tl.int64)
         # logits of this key block (base 2)
         level = load_levels(
-            kc + n * kc_sn, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS,
+            kc + outer * kc_sb + n * kc_sn, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS,
             BLOCK_N, BLOCK_DK, DOT_DTYPE, K_WORDS,
         )  # fmt: skip
-        kn = tl.load(kn_at + n * kn_sn, mask=k_ok, other=0.0).to(CDT)
+        kn = tl.load(kn_at + outer * kn_sb + n * kn_sn, mask=k_ok, other=0.0).to(CDT)
         t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * q_max[:, None] * kn[None, :]
         if K_QJL:
             z = load_signs(
-                ks + n * ks_sn, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, K_WORDS
+                ks + outer * ks_sb + n * ks_sn, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, K_WORDS
             )
-            rho = tl.load(kr + n * kr_sn, mask=k_ok, other=0.0).to(CDT)
+            rho = tl.load(kr + outer * kr_sb + n * kr_sn, mask=k_ok, other=0.0).to(CDT)
             t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
         if CAUSAL:
             t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
@@ -172,24 +190,26 @@ def attention_split_kernel(
         mx = mx_new
         # values, in V's rotated domain
         vlevel = load_levels(
-            vc + n * vc_sn, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS,
+            vc + outer * vc_sb + n * vc_sn, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS,
             BLOCK_N, BLOCK_DV, DOT_DTYPE, V_WORDS,
         )  # fmt: skip
-        vn = tl.load(vn_at + n * vn_sn, mask=k_ok, other=0.0).to(CDT)
+        vn = tl.load(vn_at + outer * vn_sb + n * vn_sn, mask=k_ok, other=0.0).to(CDT)
         v_big = tl.max(vn, axis=0)
         v_big = tl.where(v_big > 0, v_big, 1.0)
         pv = (p * (vn / v_big)[None, :]).to(DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(pv, vlevel, input_precision=DOT_PRECISION) * v_big
         if V_QJL:
             vz = load_signs(
-                vs + n * vs_sn, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, V_WORDS
+                vs + outer * vs_sb + n * vs_sn, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, V_WORDS
             )
-            vrho = tl.load(vr + n * vr_sn, mask=k_ok, other=0.0).to(CDT)
+            vrho = tl.load(vr + outer * vr_sb + n * vr_sn, mask=k_ok, other=0.0).to(CDT)
             r_big = tl.max(vrho, axis=0)
             r_big = tl.where(r_big > 0, r_big, 1.0)
             pr = (p * (vrho / r_big)[None, :]).to(DOT_DTYPE)
             accq = accq * alpha[:, None] + tl.dot(pr, vz, input_precision=DOT_PRECISION) * r_big
 
+    if PAGE:  # a bad block id where this split's keys lie: the split's denominator NaN makes the rows NaN
+        denom = tl.where(tl.sum(bad_ids, axis=0) > 0, float("nan"), denom)
     part = (bh * splits + split) * R + rows
     tl.store(mx_ptr + part, mx, mask=row_ok)
     tl.store(l_ptr + part, denom, mask=row_ok)

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from .. import checks
+from .. import checks, paging
 from ..bitpack import pack_codes, unpack_codes
 from ..cl3 import rotate_groups
 from ..compressed import Compressed
@@ -150,7 +150,7 @@ def _scores(q64: np.ndarray, code: Compressed, params: QuantParams) -> np.ndarra
 
 
 def attention(
-    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True
+    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True, block_table=None
 ) -> np.ndarray:
     """Decode attention over a compressed K/V cache.
 
@@ -169,6 +169,12 @@ def attention(
     ``quantize(validate=False)``, makes every query that attends to it non-finite; ``0 * NaN`` may
     spread it to other queries of its sequence and head.)
 
+    With ``block_table (B, max_blocks)`` the caches are paged (see `rotorquant.paging`): ``k_code`` and
+    ``v_code`` of leading shape ``(num_blocks, Hkv, page)``, key ``n`` of sequence ``b`` in slot
+    ``n % page`` of block ``block_table[b, n // page]``, ``N = max_blocks * page``.
+    A block id out of range where keys below ``lengths[b]`` lie is an error, or with ``validate=False``
+    NaN rows for sequence ``b``.
+
     Returns ``(B, Hq, T, d_v)`` float64.
     """
     checks.check_params(k_params)
@@ -177,8 +183,13 @@ def attention(
     checks.check_code("v_code", v_code, v_params)
     validate = checks.check_bool("validate", validate)
     q64 = _as_vectors("q", q, k_params.spec.dim, finite=validate)
-    group = checks.check_attention_shapes(q64.shape, k_code.shape, v_code.shape)
-    batch, kv_heads, kv_len = k_code.shape
+    k_shape, v_shape = k_code.shape, v_code.shape
+    if block_table is not None:
+        table = np.asarray(block_table)
+        checks.check_block_table_integer(table.dtype.kind in "iu", str(table.dtype))
+        k_shape = v_shape = paging.logical_shape(k_code, v_code, table.shape, q64.shape[0])
+    group = checks.check_attention_shapes(q64.shape, k_shape, v_shape)
+    batch, kv_heads, kv_len = k_shape
     q_len = q64.shape[2]
     causal = checks.check_causal(causal, q_len, kv_len)
     lengths = np.full(batch, kv_len) if lengths is None else np.asarray(lengths)
@@ -187,6 +198,14 @@ def attention(
     least = max(q_len, 1) if causal else 1
     if validate and lengths.size:
         checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
+    bad = np.zeros(batch, dtype=bool)
+    if block_table is not None:
+        blocks, page = k_code.shape[0], k_code.shape[2]
+        bad = paging.bad_sequences(table, np.arange(table.shape[1]) * page, lengths, blocks)
+        if validate:
+            checks.check_block_ids(np.flatnonzero(bad).tolist(), blocks)
+        table = np.where((table >= 0) & (table < blocks), table, 0)  # unused or (unchecked) bad ids: block 0
+        k_code, v_code = paging.gather_pages(k_code, table), paging.gather_pages(v_code, table)
     hidden = q_len - 1 - np.arange(q_len) if causal else np.zeros(q_len, dtype=np.int64)  # later queries' keys
     visible = lengths[:, None] - hidden  # (B, T)
     rows = np.tile(visible, group)  # (B, group * T): row g * T + t
@@ -197,5 +216,5 @@ def attention(
         p = np.exp(s - s.max(axis=-1, keepdims=True))
         p = p / p.sum(axis=-1, keepdims=True)
     out = p @ dequantize(v_code, v_params)  # (B, Hkv, group*T, d_v)
-    out[~checks.lengths_in_range(lengths, kv_len, least)] = np.nan
+    out[~checks.lengths_in_range(lengths, kv_len, least) | bad] = np.nan
     return out.reshape(batch, q64.shape[1], q_len, v_params.spec.dim)

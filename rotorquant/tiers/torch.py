@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import checks
+from .. import checks, paging
 from ..compressed import Compressed
 from ..params import QuantParams
 from ..torch_checks import (
     NORM_DTYPES,
+    check_block_table_dtype,
     check_lengths_dtype,
     check_vectors,
     compute_dtype,
@@ -514,7 +515,7 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
 
 
 def attention(
-    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True
+    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True, block_table=None
 ) -> torch.Tensor:
     """Decode attention over a compressed K/V cache, in ``q``'s dtype.
 
@@ -530,6 +531,11 @@ def attention(
     query with NaN or Inf gets a non-finite output row, every query of a sequence whose length is out
     of range gets NaN. (A non-finite cache entry, stored by ``quantize(validate=False)``, makes every query
     that attends to it non-finite; ``0 * NaN`` may spread it to other queries of its sequence and head.)
+
+    With ``block_table (B, max_blocks)`` the caches are paged (`rotorquant.paging`): leading shape
+    ``(num_blocks, Hkv, page)``, gathered here into the logical ``(B, Hkv, max_blocks * page)`` cache.
+    A block id out of range where keys below ``lengths[b]`` lie is an error, or with ``validate=False``
+    NaN rows for sequence ``b``.
     """
     checks.check_params(k_params)
     checks.check_params(v_params)
@@ -537,31 +543,44 @@ def attention(
     _check_torch_code("v_code", v_code, v_params)
     validate = checks.check_bool("validate", validate)
     q = check_vectors("q", q, k_params.spec.dim)
-    group = checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
+    on = {"device": q.device}
+    k_shape, v_shape = k_code.shape, v_code.shape
+    if block_table is not None:
+        table = torch.as_tensor(block_table, **on)
+        check_block_table_dtype(table)
+        k_shape = v_shape = paging.logical_shape(k_code, v_code, tuple(table.shape), q.shape[0])
+    group = checks.check_attention_shapes(tuple(q.shape), k_shape, v_shape)
+    _check_same_device("k_code", k_code, "q", q.device)
     _check_same_device("v_code", v_code, "q", q.device)
-    batch, kv_heads, kv_len = k_code.shape
+    batch, kv_heads, kv_len = k_shape
     _, q_heads, q_len, dim = q.shape
     causal = checks.check_causal(causal, q_len, kv_len)
+    masked = lengths is not None or causal
+    lengths = torch.full((batch,), kv_len, **on) if lengths is None else torch.as_tensor(lengths, **on)
+    check_lengths_dtype(lengths)
+    checks.check_lengths_shape(tuple(lengths.shape), batch)
+    least = max(q_len, 1) if causal else 1
+    if validate and lengths.numel():
+        lo, hi = torch.aminmax(lengths)
+        checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
+    ok = checks.lengths_in_range(lengths, kv_len, least)
+    if block_table is not None:
+        blocks, page = k_code.shape[0], k_code.shape[2]
+        bad = paging.bad_sequences(table, torch.arange(table.shape[1], **on) * page, lengths, blocks)
+        if validate:
+            checks.check_block_ids(torch.nonzero(bad).flatten().tolist(), blocks)
+        ok = ok & ~bad
+        table = torch.where((table >= 0) & (table < blocks), table, 0).long()  # unused or (unchecked) bad: block 0
+        k_code, v_code = paging.gather_pages(k_code, table), paging.gather_pages(v_code, table)
     s = _scores(q.reshape(batch, kv_heads, group * q_len, dim), k_code, k_params, "k_code", finite=validate)
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
-    ok = None
-    if lengths is not None or causal:
-        on = {"device": q.device}
-        lengths = torch.full((batch,), kv_len, **on) if lengths is None else torch.as_tensor(lengths, **on)
-        check_lengths_dtype(lengths)
-        checks.check_lengths_shape(tuple(lengths.shape), batch)
-        least = max(q_len, 1) if causal else 1
-        if validate and lengths.numel():
-            lo, hi = torch.aminmax(lengths)
-            checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
-        ok = checks.lengths_in_range(lengths, kv_len, least)
+    if masked:
         hidden = torch.arange(q_len - 1, -1, -1, **on) if causal else torch.zeros(q_len, dtype=torch.int64, **on)
         rows = (lengths.to(torch.int64)[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t
-        keep = torch.arange(kv_len, device=q.device) < rows[:, None, :, None]
+        keep = torch.arange(kv_len, **on) < rows[:, None, :, None]
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)
     v = _dequantize(v_code, v_params, s.dtype, s.dtype)
     out = p @ v.view(batch, kv_heads, kv_len, v_params.spec.dim)
-    if ok is not None:
-        out = out.masked_fill(~ok[:, None, None, None], float("nan"))
+    out = out.masked_fill(~ok[:, None, None, None], float("nan"))
     return out.reshape(batch, q_heads, q_len, v_params.spec.dim).to(q.dtype)

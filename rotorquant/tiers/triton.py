@@ -36,7 +36,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
         f"(missing: {err.name})"
     ) from err
 
-from .. import checks
+from .. import checks, paging
 from ..compressed import Compressed
 from ..kernels.attention import attention_combine_kernel, attention_split_kernel
 from ..kernels.dequantize import dequantize_kernel
@@ -46,6 +46,7 @@ from ..params import QuantParams
 from ..spec import QuantizerSpec
 from ..torch_checks import (
     NORM_DTYPES,
+    check_block_table_dtype,
     check_lengths_dtype,
     check_vectors,
     compute_dtype,
@@ -467,7 +468,7 @@ def _split_plan(programs: int, kv_len: int, block_n: int, device: torch.device, 
 
 
 def attention(
-    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True
+    q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True, block_table=None
 ) -> torch.Tensor:
     """Decode attention over a compressed K/V cache (split-K, online softmax; see `rotorquant.kernels.attention`).
 
@@ -488,32 +489,61 @@ def attention(
     non-finite cache entry, stored by ``quantize(validate=False)``, makes every query that attends to it
     non-finite; ``0 * NaN`` may spread it to other queries of its sequence and head.
 
+    With ``block_table (B, max_blocks)`` the caches are paged (see `rotorquant.paging`): ``k_code`` and
+    ``v_code`` of leading shape ``(num_blocks, Hkv, page)`` (or a view of blocks stored
+    ``(num_blocks, page, Hkv, ...)``), key ``n`` of sequence ``b`` in slot ``n % page`` of block
+    ``block_table[b, n // page]``, ``N = max_blocks * page``; the kernel follows the table, nothing is
+    gathered. A block id out of range where a sequence's keys lie is an error, or with
+    ``validate=False`` NaN rows for that sequence (block 0 is read in its place).
+
     Returns ``(B, Hq, T, d_v)`` in the query's dtype.
     """
     return _attention(
-        q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths, causal=causal, validate=validate
-    )
+        q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths, causal=causal, validate=validate,
+        block_table=block_table,
+    )  # fmt: skip
 
 
-def _attention(q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=False, validate=True, splits=None):
+def _attention(
+    q, k_code, v_code, k_params, v_params, *, scale, lengths, causal=False, validate=True, block_table=None, splits=None
+):
     """`attention` with the number of key splits forced when ``splits`` is given (tests use it)."""
     checks.check_params(k_params)
     checks.check_params(v_params)
     checks.check_code("k_code", k_code, k_params)
     checks.check_code("v_code", v_code, v_params)
     q = _as_vectors("q", q, k_params.spec.dim)
-    checks.check_attention_shapes(tuple(q.shape), k_code.shape, v_code.shape)
+    k_shape, v_shape = k_code.shape, v_code.shape
+    if block_table is not None:
+        table = torch.as_tensor(block_table, device=q.device)
+        check_block_table_dtype(table)
+        k_shape = v_shape = paging.logical_shape(k_code, v_code, tuple(table.shape), q.shape[0])
+    checks.check_attention_shapes(tuple(q.shape), k_shape, v_shape)
     _check_code_tensors("k_code", k_code, q.device)
     _check_code_tensors("v_code", v_code, q.device)
-    causal = checks.check_causal(causal, q.shape[2], k_code.shape[2])
+    causal = checks.check_causal(causal, q.shape[2], k_shape[2])
     validate = checks.check_bool("validate", validate)
     if validate:
         _check_finite("q", q)
     least = max(q.shape[2], 1) if causal else 1
-    lens = _lengths(lengths, k_code.shape[0], k_code.shape[2], q.device, least, validate)
+    lens = _lengths(lengths, k_shape[0], k_shape[2], q.device, least, validate)
+    if block_table is not None:
+        table = _block_table(table, lens, k_code.shape, validate)
     return _attention_launch(
-        q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, causal=causal, splits=splits
-    )
+        q, k_code, v_code, k_params, v_params, scale=scale, lens=lens, causal=causal, splits=splits,
+        block_table=table if block_table is not None else None,
+    )  # fmt: skip
+
+
+def _block_table(table: torch.Tensor, lens: torch.Tensor, paged_shape: tuple[int, ...], validate: bool) -> torch.Tensor:
+    """``table`` as contiguous int32 for the kernel; with ``validate``, every id where keys below ``lens``
+    lie is checked (one host synchronization). Ids past int32 become -1 (out of range), not wrapped."""
+    blocks, _, page = paged_shape
+    if validate:
+        first_keys = torch.arange(table.shape[1], device=table.device) * page
+        bad = paging.bad_sequences(table, first_keys, lens, blocks)
+        checks.check_block_ids(torch.nonzero(bad).flatten().tolist(), blocks)
+    return table.to(torch.int64).clamp(-1, blocks).to(torch.int32).contiguous()
 
 
 def _payload(code: Compressed) -> tuple[torch.Tensor, ...]:
@@ -530,12 +560,18 @@ def _payload(code: Compressed) -> tuple[torch.Tensor, ...]:
 
 
 def _attention_launch(
-    q, k_code, v_code, k_params, v_params, *, scale, lens, causal=False, splits=None, launch=_AttentionLaunch()
-):
-    """The two kernel launches of `attention` on checked inputs (``lens``: int32 lengths on the device);
-    no synchronization, so CUDA graphs can capture it. ``launch`` overrides the configuration (benchmarks)."""
+    q, k_code, v_code, k_params, v_params, *, scale, lens, causal=False, splits=None, block_table=None,
+    launch=_AttentionLaunch(),
+):  # fmt: skip
+    """The two kernel launches of `attention` on checked inputs (``lens``: int32 lengths on the device;
+    ``block_table``: contiguous int32 on the device, or None); no synchronization, so CUDA graphs can
+    capture it. ``launch`` overrides the configuration (benchmarks)."""
     kspec, vspec = k_params.spec, v_params.spec
     batch, kv_heads, kv_len = k_code.shape
+    page = 0
+    if block_table is not None:  # the logical cache: (B, Hkv, max_blocks * page)
+        page = kv_len
+        batch, kv_len = block_table.shape[0], block_table.shape[1] * page
     q_len = q.shape[2]
     rows = (q.shape[1] // kv_heads) * q_len
     bh = batch * kv_heads
@@ -572,11 +608,13 @@ def _attention_launch(
     stages = {} if INTERPRETING else {"num_stages": launch.num_stages}
     attention_split_kernel[(bh, splits, row_blocks)](
         q_rot, q_sk, kc, kn, ks, kr, tk.centroids, vc, vn, vs, vr, tv.centroids, *strides, lens,
+        lens if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
+        k_code.shape[0],
         mx, denom, acc, accq,
         kv_heads=kv_heads, N=kv_len, R=rows, q_len=q_len, split_len=split_len, dk=kspec.dim, dv=vspec.dim,
         mk=kspec.qjl_dim, mv=vspec.qjl_dim, k_code_bytes=kspec.code_bytes, v_code_bytes=vspec.code_bytes,
         k_sign_bytes=kspec.sign_bytes, v_sign_bytes=vspec.sign_bytes, splits=splits,
-        K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl, CAUSAL=causal,
+        K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl, V_QJL=vspec.qjl, CAUSAL=causal, PAGE=page,
         DOT_DTYPE=tl.float16 if half else _kernel_dtypes(compute)["CDT"], **_kernel_dtypes(compute),
         BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
         BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=_words(kc, ks), V_WORDS=_words(vc, vs),
