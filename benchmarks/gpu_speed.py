@@ -223,11 +223,13 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
         q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
         lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
         ours = graph_us(lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens))
-        pool_k, pool_v, table = _paged(k_code, 16), _paged(v_code, 16), _block_table(batch, n // 16, seed=n)
-        paged = graph_us(
-            lambda: triton_tier._attention_launch(q, pool_k, pool_v, kp, vp, scale=None, lens=lens, block_table=table)
-        )
-        del pool_k, pool_v
+        paged = math.nan  # contexts not a multiple of the 16-key block are not paged
+        if n % 16 == 0:
+            pool_k, pool_v, table = _paged(k_code, 16), _paged(v_code, 16), _block_table(batch, n // 16, seed=n)
+            paged = graph_us(
+                lambda: triton_tier._attention_launch(q, pool_k, pool_v, kp, vp, scale=None, lens=lens, block_table=table)
+            )
+            del pool_k, pool_v
         sdpa = _sdpa(q, k, v)
         base = graph_us(sdpa)
         ours_api = api_us(lambda: triton_tier.attention(q, k_code, v_code, kp, vp))

@@ -98,8 +98,8 @@ def check_attention_shapes(q_shape: tuple[int, ...], k_shape: tuple[int, ...], v
 
 def check_block_table_shape(shape: tuple[int, ...], batch: int) -> None:
     """A block table is ``(batch, max_blocks)``: one row per sequence."""
-    if len(shape) != 2 or shape[0] != batch:
-        raise ValueError(f"block_table: expected shape (batch={batch}, max_blocks), got {tuple(shape)}")
+    if len(shape) != 2 or shape[0] != batch or shape[1] == 0:
+        raise ValueError(f"block_table: expected shape (batch={batch}, max_blocks >= 1), got {tuple(shape)}")
 
 
 def check_block_table_integer(is_integer: bool, dtype: str) -> None:

@@ -30,10 +30,10 @@ def logical_shape(
     (one row per sequence of the ``batch``) makes of the paged ``k_code`` and ``v_code`` (both
     ``(num_blocks, Hkv, page)``, at least one block)."""
     checks.check_block_table_shape(table_shape, batch)
-    if len(k_code.shape) != 3 or k_code.shape[0] == 0:
+    if len(k_code.shape) != 3 or k_code.shape[0] == 0 or k_code.shape[2] == 0:
         raise ValueError(
-            f"k_code: expected leading shape (num_blocks, kv_heads, page), num_blocks >= 1, with a block_table, "
-            f"got {k_code.shape}"
+            f"k_code: expected leading shape (num_blocks, kv_heads, page), num_blocks >= 1 and page >= 1, with a "
+            f"block_table, got {k_code.shape}"
         )
     if v_code.shape != k_code.shape:
         raise ValueError(f"v_code: expected leading shape {k_code.shape} (as k_code), got {v_code.shape}")

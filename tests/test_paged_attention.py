@@ -66,6 +66,7 @@ def _q(tier: Tier, q: np.ndarray):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_paged_attention_equals_the_logical_cache(tier, causal):
+    """Also with the table and lengths in an unsigned dtype (uint32: few torch operations support it)."""
     kp, vp, lk, lv, pk, pv, table, q = _setup(tier)
     lengths = _on(tier, np.array(LENGTHS))
     want = tier.module.attention(_q(tier, q), tier.code(lk, "float32"), tier.code(lv, "float32"), kp, vp,
@@ -76,6 +77,15 @@ def test_paged_attention_equals_the_logical_cache(tier, causal):
         got = tier.module.attention(_q(tier, q), tier.code(pk, "float32"), tier.code(pv, "float32"), kp, vp,
                                     lengths=lengths, causal=causal, block_table=_on(tier, t))  # fmt: skip
         assert np.array_equal(to_numpy(got), to_numpy(want)), padding
+    unsigned = tier.module.attention(_q(tier, q), tier.code(pk, "float32"), tier.code(pv, "float32"), kp, vp,
+                                     lengths=_unsigned(tier, LENGTHS), causal=causal,
+                                     block_table=_unsigned(tier, np.where(table >= 0, table, 7)))  # fmt: skip
+    assert np.array_equal(to_numpy(unsigned), to_numpy(want))
+
+
+def _unsigned(tier: Tier, a) -> object:
+    a = np.asarray(a, dtype=np.uint32)
+    return a if tier.device is None else torch.from_numpy(a.astype(np.int64)).to(torch.uint32).to(tier.device)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
@@ -99,10 +109,12 @@ def test_block_table_argument_errors(tier):
     args = (_q(tier, q), tier.code(pk, "float32"), tier.code(pv, "float32"), kp, vp)
     with pytest.raises(TypeError, match="^block_table: expected integers, got dtype float"):
         tier.module.attention(*args, block_table=_on(tier, table.astype(np.float32)))
-    with pytest.raises(ValueError, match=r"^block_table: expected shape \(batch=2, max_blocks\), got \(6,\)"):
+    with pytest.raises(ValueError, match=r"^block_table: expected shape \(batch=2, max_blocks >= 1\), got \(6,\)"):
         tier.module.attention(*args, block_table=_on(tier, table.reshape(-1)))
-    with pytest.raises(ValueError, match=r"^block_table: expected shape \(batch=2, max_blocks\), got \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"^block_table: expected shape \(batch=2, max_blocks >= 1\), got \(3, 2\)"):
         tier.module.attention(*args, block_table=_on(tier, np.zeros((3, 2), dtype=np.int64)))
+    with pytest.raises(ValueError, match=r"^block_table: expected shape \(batch=2, max_blocks >= 1\), got \(2, 0\)"):
+        tier.module.attention(*args, block_table=_on(tier, table[:, :0]))
     short_v = dataclasses.replace(args[2], **{f: getattr(args[2], f)[:7] for f in ("codes", "norms")})
     with pytest.raises(ValueError, match=r"^v_code: expected leading shape \(8, 2, 4\)"):
         tier.module.attention(*args[:2], short_v, kp, vp, block_table=_on(tier, table))

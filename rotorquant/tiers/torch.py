@@ -548,6 +548,7 @@ def attention(
     if block_table is not None:
         table = torch.as_tensor(block_table, **on)
         check_block_table_dtype(table)
+        table = table.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
         k_shape = v_shape = paging.logical_shape(k_code, v_code, tuple(table.shape), q.shape[0])
     group = checks.check_attention_shapes(tuple(q.shape), k_shape, v_shape)
     _check_same_device("k_code", k_code, "q", q.device)
@@ -558,6 +559,7 @@ def attention(
     masked = lengths is not None or causal
     lengths = torch.full((batch,), kv_len, **on) if lengths is None else torch.as_tensor(lengths, **on)
     check_lengths_dtype(lengths)
+    lengths = lengths.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
     checks.check_lengths_shape(tuple(lengths.shape), batch)
     least = max(q_len, 1) if causal else 1
     if validate and lengths.numel():

@@ -428,6 +428,7 @@ def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, lea
         return torch.full((batch,), kv_len, dtype=torch.int32, device=device)
     t = torch.as_tensor(lengths)
     check_lengths_dtype(t)
+    t = t.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
     checks.check_lengths_shape(tuple(t.shape), batch)
     if validate and t.numel():
         lo, hi = torch.aminmax(t)
@@ -517,6 +518,7 @@ def _attention(
     if block_table is not None:
         table = torch.as_tensor(block_table, device=q.device)
         check_block_table_dtype(table)
+        table = table.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
         k_shape = v_shape = paging.logical_shape(k_code, v_code, tuple(table.shape), q.shape[0])
     checks.check_attention_shapes(tuple(q.shape), k_shape, v_shape)
     _check_code_tensors("k_code", k_code, q.device)
@@ -608,8 +610,7 @@ def _attention_launch(
     stages = {} if INTERPRETING else {"num_stages": launch.num_stages}
     attention_split_kernel[(bh, splits, row_blocks)](
         q_rot, q_sk, kc, kn, ks, kr, tk.centroids, vc, vn, vs, vr, tv.centroids, *strides, lens,
-        lens if block_table is None else block_table, 0 if block_table is None else block_table.stride(0),
-        k_code.shape[0],
+        *((lens, 0, 1) if block_table is None else (block_table, block_table.stride(0), k_code.shape[0])),
         mx, denom, acc, accq,
         kv_heads=kv_heads, N=kv_len, R=rows, q_len=q_len, split_len=split_len, dk=kspec.dim, dv=vspec.dim,
         mk=kspec.qjl_dim, mv=vspec.qjl_dim, k_code_bytes=kspec.code_bytes, v_code_bytes=vspec.code_bytes,
