@@ -161,3 +161,30 @@ def test_gather_pages_is_the_reference_layout():
         for n in range(PAGE * MAX_BLOCKS):
             if table[b, n // PAGE] >= 0:
                 assert np.array_equal(got.codes[b, :, n], lk.codes[b, :, n])
+
+
+def test_appending_a_step_to_a_paged_cache(tier):
+    """The docs' recipe: quantize the step's keys and values, assign each field at its (block, slot)."""
+    kp, vp, lk, lv, pk, pv, table, q = _setup(tier, seed=3)
+    pool_k, pool_v = tier.code(pk, "float32"), tier.code(pv, "float32")
+    rng = np.random.default_rng(4)
+    new_k, new_v = rng.standard_normal((BATCH, 2, 32)), rng.standard_normal((BATCH, 2, 32))  # (tokens, Hkv, d)
+    code_k = tier.module.quantize(_q(tier, new_k), kp)
+    code_v = tier.module.quantize(_q(tier, new_v), vp)
+    position = np.array([5, 7])  # each sequence's next key: sequence 1 grows into its padding-free block 1
+    blocks, slots = _on(tier, table[np.arange(BATCH), position // PAGE]), _on(tier, position % PAGE)
+    for pool, code in ((pool_k, code_k), (pool_v, code_v)):
+        for f in FIELDS:
+            if getattr(code, f) is not None:
+                getattr(pool, f)[blocks, :, slots] = getattr(code, f)
+    lengths = _on(tier, position + 1)
+    got = tier.module.attention(_q(tier, q), pool_k, pool_v, kp, vp, lengths=lengths, block_table=_on(tier, table))
+    logical_k, logical_v = (code_to_numpy(c) for c in (lk, lv))
+    for logical, code in ((logical_k, code_k), (logical_v, code_v)):
+        code = code_to_numpy(code)
+        for f in FIELDS:
+            if getattr(code, f) is not None:
+                getattr(logical, f)[np.arange(BATCH), :, position] = getattr(code, f)
+    want = tier.module.attention(_q(tier, q), tier.code(logical_k, "float32"), tier.code(logical_v, "float32"), kp, vp,
+                                 lengths=lengths)  # fmt: skip
+    assert np.array_equal(to_numpy(got), to_numpy(want))

@@ -271,8 +271,9 @@ def test_unchecked_triton_quantize_reads_nothing_back(tier, kw):
 
 @pytest.mark.skipif(not (TRITON and TRITON[0].device == "cuda"), reason="CUDA graphs need a GPU")
 def test_triton_calls_capture_in_a_cuda_graph():
-    """One decode step, appending a token's keys and attending over the cache, captured in a CUDA graph
-    and replayed on new inputs, equals the eager calls; host synchronization is an error throughout."""
+    """One decode step, quantizing a token's keys and attending over the cache (also as a paged pool),
+    captured in a CUDA graph and replayed on new inputs, equals the eager calls; host synchronization is
+    an error throughout."""
     tt = TRITON[0].module
     k_params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3))
     v_params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, seed=1))
@@ -281,11 +282,13 @@ def test_triton_calls_capture_in_a_cuda_graph():
     token = torch.zeros((4, 2, 1, 128), dtype=torch.float16, device="cuda")
     q = torch.zeros((4, 8, 1, 128), dtype=torch.float16, device="cuda")
     lengths = torch.full((4,), 256, dtype=torch.int32, device="cuda")
+    table = torch.arange(4, dtype=torch.int32, device="cuda")[:, None]  # the cache as a pool of 4 blocks of 256 keys
 
     def step():
-        return tt.quantize(token, k_params, validate=False), tt.attention(
-            q, k_code, v_code, k_params, v_params, lengths=lengths, validate=False
-        )
+        new = tt.quantize(token, k_params, validate=False)
+        out = tt.attention(q, k_code, v_code, k_params, v_params, lengths=lengths, validate=False)
+        paged = tt.attention(q, k_code, v_code, k_params, v_params, lengths=lengths, block_table=table, validate=False)
+        return new, out, paged
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -302,13 +305,13 @@ def test_triton_calls_capture_in_a_cuda_graph():
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.cuda.graph(graph):
-            new_code, out = step()
+            new_code, out, paged = step()
         for static, value in next_inputs:
             static.copy_(value)
         graph.replay()
-        want_code, want = step()
+        want_code, want, _ = step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert _same_code(new_code, want_code)
-    assert torch.equal(out, want)
+    assert torch.equal(out, want) and torch.equal(paged, want)
