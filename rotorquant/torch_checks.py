@@ -25,12 +25,6 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def stored_norms(values: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor:
-    """``values`` cast to ``norm_dtype``, every value past its largest finite one Inf (a plain cast rounds
-    values up to half an ulp past it down to that largest value, e.g. float16's 65504)."""
-    return torch.where(values > torch.finfo(norm_dtype).max, float("inf"), values).to(norm_dtype)
-
-
 def _is_integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 

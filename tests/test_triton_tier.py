@@ -571,6 +571,8 @@ def drive(dtype, causal=False, paged=False, **kw):
     p = rq.build_params(rq.QuantizerSpec(**kw))
     spec, n = p.spec, 64
     codes, norms, raw, signs, res = tt._quantize_rows(torch.zeros(n, spec.dim, dtype=dtype), p)
+    if paged:  # and unchecked quantize, whose kernel caps the norms
+        tt._quantize_rows(torch.zeros(n, spec.dim, dtype=dtype), p, cap_norms=True)
     norms = torch.ones(n, dtype=torch.float16 if spec.norm_dtype.value == "float16" else torch.float32)
     f = dict(codes=codes, norms=norms, qjl_signs=signs, residual_norms=norms.clone() if spec.qjl else None)
     code = rq.Compressed(spec=spec, dtype=str(dtype)[6:], **f)

@@ -107,6 +107,7 @@ def quantize_kernel(
     QJL: tl.constexpr,  # True: also write the QJL sketch of the residual
     NORM_CORRECTION: tl.constexpr,  # True: store s / ||c[k]||
     SQUARES_FIT: tl.constexpr,  # True for float16 x: sum(x^2) fits the compute dtype, no max-scaling needed
+    NORM_MAX: tl.constexpr,  # > 0: stored norms past it (the norm dtype's largest value) become Inf; 0: as computed
     BLOCK_N: tl.constexpr,  # vectors per program
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
@@ -168,11 +169,13 @@ def quantize_kernel(
                 proj = tl.load(proj_ptr + cc[:, None] * BLOCK_M + mcols[None, :])
                 sketch += tl.dot(diff, proj, input_precision=DOT_PRECISION)
 
+    stored = s
     if NORM_CORRECTION:
         tl.store(raw_norms_ptr + rows, s, mask=row_ok)
-        tl.store(norms_ptr + rows, s / exact_sqrt(cent_sq), mask=row_ok)
-    else:
-        tl.store(norms_ptr + rows, s, mask=row_ok)
+        stored = s / exact_sqrt(cent_sq)
+    if NORM_MAX > 0:  # unchecked calls: Inf, where a cast to the norm dtype would round down to its max
+        stored = tl.where(stored > NORM_MAX, float("inf"), stored)
+    tl.store(norms_ptr + rows, stored, mask=row_ok)
     if QJL:
         bits = tl.where((sketch * s[:, None] >= 0) & (mcols < m)[None, :], 1, 0)
         store_codes(signs_ptr + rows64 * sign_bytes, row_ok, bits, 0, sign_bytes, 1, BLOCK_N, BLOCK_M)

@@ -39,7 +39,6 @@ from ..torch_checks import (
     compute_dtype,
     dtype_name,
     output_dtype,
-    stored_norms,
 )
 
 _FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")  # the payload of a `Compressed`
@@ -326,6 +325,12 @@ def _nearest_centroid(y_scaled: torch.Tensor, dp: DeviceParams) -> torch.Tensor:
     return dp.grid_base.index_select(0, cell).add_(above).view(y_scaled.shape)
 
 
+def _stored_norms(values: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor:
+    """``values`` cast to ``norm_dtype``, every value past its largest finite one Inf (a plain cast rounds
+    values up to half an ulp past it down to that largest value, e.g. float16's 65504)."""
+    return torch.where(values > torch.finfo(norm_dtype).max, float("inf"), values).to(norm_dtype)
+
+
 def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: QuantParams, out: dict) -> torch.Tensor:
     """Quantize rows ``x (n, d)`` with norms ``s (n,)`` into the slices ``out[field] (n, ...)``; returns the
     largest norm to store (a 0-dim tensor; past the norm dtype it is stored as Inf)."""
@@ -341,7 +346,7 @@ def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: Q
         levels = dp.centroids.index_select(0, idx.view(-1).to(torch.int32)).view(idx.shape)
         if spec.norm_correction:
             scale = s / torch.linalg.vector_norm(levels, dim=-1, dtype=torch.float64)
-    out["norms"][:] = stored_norms(scale, out["norms"].dtype)
+    out["norms"][:] = _stored_norms(scale, out["norms"].dtype)
     if spec.qjl:
         unit_residual = u - dp.inverse(levels)  # r = s * unit_residual
         projected = unit_residual @ dp.qjl_matrix.T

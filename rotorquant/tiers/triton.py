@@ -52,7 +52,6 @@ from ..torch_checks import (
     compute_dtype,
     dtype_name,
     output_dtype,
-    stored_norms,
 )
 
 __all__ = ["attention", "dequantize", "quantize", "scores"]
@@ -254,9 +253,11 @@ def _quantize_rows(
     block_n: int | None = None,
     num_warps: int | None = None,
     block_c: int | None = None,
+    cap_norms: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launch `quantize_kernel` on ``rows (n, d)`` (unit stride): float32
     ``(codes, norms, raw_norms, signs, residual_norms)``; no checks, no synchronization.
+    ``cap_norms``: stored norms past the norm dtype's largest value come out Inf.
     ``block_n`` (vectors per program), ``num_warps`` and ``block_c`` (coordinates per chunk) override
     the launch configuration (benchmarks)."""
     spec = params.spec
@@ -281,6 +282,7 @@ def _quantize_rows(
             res if spec.qjl else norms, spec.qjl_dim,
             **_kernel_dtypes(compute), BITS=spec.mse_bits, DENSE=params.rotation is not None, QJL=spec.qjl,
             NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
+            NORM_MAX=float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max) if cap_norms else 0.0,
             BLOCK_N=block_n, BLOCK_D=tab.block_d,
             BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=num_warps, **_FUSED,
         )  # fmt: skip
@@ -315,13 +317,13 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
     rows = x.reshape(-1, spec.dim)
     if rows.shape[0] and rows.stride(-1) != 1:
         rows = rows.contiguous()
-    codes, norms, raw, signs, res = _quantize_rows(rows, params)
+    codes, norms, raw, signs, res = _quantize_rows(rows, params, cap_norms=not validate)
     if validate:
         _check_norms(x, raw, norms, spec)
     norm_dtype = NORM_DTYPES[spec.norm_dtype]
     fields = dict(
         codes=codes.reshape(*lead, spec.code_bytes),
-        norms=stored_norms(norms, norm_dtype).reshape(lead),
+        norms=norms.to(norm_dtype).reshape(lead),
         spec=spec,
         dtype=dtype_name(x.dtype),
     )
