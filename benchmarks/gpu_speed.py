@@ -34,6 +34,7 @@ import statistics
 import torch
 
 import rotorquant as rq
+from rotorquant.compressed import PAYLOAD_FIELDS
 from rotorquant.tiers import torch as torch_tier
 from rotorquant.tiers import triton as triton_tier
 
@@ -190,24 +191,20 @@ def _cache(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, kp, vp):
     return q, k, v, triton_tier.quantize(k, kp), triton_tier.quantize(v, vp)
 
 
-def _paged(code: rq.Compressed, page: int) -> rq.Compressed:
-    """The cache ``(B, Hkv, N)`` as a pool ``(B * N / page, Hkv, page)`` of blocks: block ``b * N / page + j``
-    holds keys ``j * page ..`` of sequence ``b``."""
+def _paged(code: rq.Compressed, page: int, seed: int) -> tuple[rq.Compressed, torch.Tensor]:
+    """``(pool, block_table)``: the cache ``(B, Hkv, N)`` cut into blocks of ``page`` keys, the blocks
+    shuffled across a pool ``(B * N / page, Hkv, page)`` as an allocator would leave them, and the
+    table that finds each sequence's blocks in it (so the paged cache holds the same keys)."""
+    b, n = code.shape[0], code.shape[2]
+    order = torch.randperm(b * (n // page), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
     def pool(t):
-        b, h, n = t.shape[:3]
-        blocks = t.reshape(b, h, n // page, page, *t.shape[3:]).transpose(1, 2)
-        return blocks.reshape(b * (n // page), h, page, *t.shape[3:]).contiguous()
+        blocks = t.reshape(b, t.shape[1], n // page, page, *t.shape[3:]).transpose(1, 2)
+        return blocks.reshape(b * (n // page), t.shape[1], page, *t.shape[3:])[order].contiguous()
 
-    fields = ("codes", "norms", "qjl_signs", "residual_norms")
-    return dataclasses.replace(code, **{f: pool(getattr(code, f)) for f in fields if getattr(code, f) is not None})
-
-
-def _block_table(batch: int, blocks_per_sequence: int, seed: int) -> torch.Tensor:
-    """Each sequence's blocks of `_paged`'s pool, the rows shuffled across the pool (as an allocator
-    would leave them): the table is a permutation, so the pool is read in scattered order."""
-    order = torch.randperm(batch * blocks_per_sequence, generator=torch.Generator().manual_seed(seed))
-    return order.reshape(batch, blocks_per_sequence).to(device=DEVICE, dtype=torch.int32)
+    table = torch.argsort(order).reshape(b, n // page).to(torch.int32)  # logical block -> its pool slot
+    moved = {f: pool(getattr(code, f)) for f in PAYLOAD_FIELDS if getattr(code, f) is not None}
+    return dataclasses.replace(code, **moved), table
 
 
 def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int, dim: int, bits: int) -> None:
@@ -215,21 +212,24 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
     vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
     print(f"\n## decode attention, batch {batch}, {q_heads} q heads, {kv_heads} kv heads, head_dim {dim}, {bits}-bit K/V")
     print("GPU time: CUDA-graph replay (triton: its two kernels + query rotation; SDPA: the fp16 kernel)")
-    print("paged: the same codes as a pool of 16-key blocks, read in shuffled order through a block table (timing only)")
+    print("paged: the same cache as a shuffled pool of 16-key blocks read through a block table")
     print(_row(["context", "GPU triton compressed", "GPU triton paged", "GPU SDPA fp16", "SDPA / triton (GPU)", "API triton",
                 "API triton unchecked", "API SDPA", "SDPA / triton (API)", "MB read triton", "MB read SDPA",
+                "max |paged - contiguous|",
                 "max |triton - SDPA(dequantized fp16)|"]))  # fmt: skip
     for n in contexts:
         q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
         lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
         ours = graph_us(lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens))
-        paged = math.nan  # contexts not a multiple of the 16-key block are not paged
+        paged, paged_err = math.nan, math.nan  # contexts not a multiple of the 16-key block are not paged
         if n % 16 == 0:
-            pool_k, pool_v, table = _paged(k_code, 16), _paged(v_code, 16), _block_table(batch, n // 16, seed=n)
-            paged = graph_us(
-                lambda: triton_tier._attention_launch(q, pool_k, pool_v, kp, vp, scale=None, lens=lens, block_table=table)
+            (pool_k, table), (pool_v, _) = _paged(k_code, 16, seed=n), _paged(v_code, 16, seed=n)
+            run = functools.partial(
+                triton_tier._attention_launch, q, pool_k, pool_v, kp, vp, scale=None, lens=lens, block_table=table
             )
-            del pool_k, pool_v
+            paged = graph_us(run)
+            paged_err = (run().float() - triton_tier.attention(q, k_code, v_code, kp, vp).float()).abs().max().item()
+            del pool_k, pool_v, run
         sdpa = _sdpa(q, k, v)
         base = graph_us(sdpa)
         ours_api = api_us(lambda: triton_tier.attention(q, k_code, v_code, kp, vp))
@@ -241,7 +241,7 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
         ours_mb = (k_code.nbytes + v_code.nbytes) / 1e6
         base_mb = (k.numel() + v.numel()) * 2 / 1e6
         print(_row([n, ours, paged, base, _ratio(base, ours, 2), ours_api, unchecked_api, base_api,
-                    _ratio(base_api, ours_api, 2), ours_mb, base_mb, f"{err:.2e}"]))  # fmt: skip
+                    _ratio(base_api, ours_api, 2), ours_mb, base_mb, f"{paged_err:.2e}", f"{err:.2e}"]))  # fmt: skip
         del q, k, v, k_code, v_code
 
 

@@ -26,6 +26,10 @@ from typing import Any
 from .spec import QuantizerSpec
 
 
+PAYLOAD_FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
+"""The payload fields of a `Compressed`, in order (the QJL ones are None without QJL)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Compressed:
     """Bit-packed vectors. ``nbytes`` is the size of the payload actually held."""

@@ -18,9 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from . import checks
-from .compressed import Compressed
-
-FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
+from .compressed import PAYLOAD_FIELDS, Compressed
 
 
 def logical_shape(
@@ -40,6 +38,23 @@ def logical_shape(
     return table_shape[0], k_code.shape[1], table_shape[1] * k_code.shape[2]
 
 
+def logical_cache(k_code: Compressed, v_code: Compressed, table, lengths, first_keys, validate: bool):
+    """``(k, v, bad)``: the logical caches ``(B, Hkv, max_blocks * page)`` the paged ``k_code`` and ``v_code``
+    hold under ``table``, and the ``(B,)`` sequences whose table names a block out of range where their
+    keys lie (refused when ``validate``; otherwise block 0 is gathered in its place, for NaN rows)."""
+    if validate:
+        check_ids(table, first_keys, lengths, k_code.shape[0])
+    bad = bad_sequences(table, first_keys, lengths, k_code.shape[0])
+    safe = table * ((table >= 0) & (table < k_code.shape[0]))  # unused or (unchecked) bad ids: block 0
+    return gather_pages(k_code, safe), gather_pages(v_code, safe), bad
+
+
+def check_ids(table, first_keys, lengths, num_blocks: int) -> None:
+    """Every block id where keys below ``lengths`` lie is in ``0..num_blocks - 1`` (reads the values)."""
+    bad = bad_sequences(table, first_keys, lengths, num_blocks).tolist()
+    checks.check_block_ids([b for b, is_bad in enumerate(bad) if is_bad], num_blocks)
+
+
 def bad_sequences(table, first_keys, lengths, num_blocks: int):
     """``(B,)`` bool: the sequences whose table names a block outside ``0..num_blocks - 1`` for a block
     holding keys below ``lengths[b]``. ``first_keys (max_blocks,)``: ``j * page``, the first key of
@@ -56,5 +71,5 @@ def gather_pages(code: Compressed, table) -> Compressed:
         g = t[table].swapaxes(1, 2)  # (B, Hkv, max_blocks, page, ...)
         return g.reshape(*g.shape[:2], g.shape[2] * g.shape[3], *g.shape[4:])
 
-    moved = {f: gather(getattr(code, f)) for f in FIELDS if getattr(code, f) is not None}
+    moved = {f: gather(getattr(code, f)) for f in PAYLOAD_FIELDS if getattr(code, f) is not None}
     return dataclasses.replace(code, **moved)

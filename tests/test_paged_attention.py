@@ -90,16 +90,18 @@ def _unsigned(tier: Tier, a) -> object:
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_bad_block_ids_where_keys_lie(tier):
-    """Sequence 0 names block 8 (of 8) and sequence 1 block -1, each where its keys lie."""
+    """Sequence 0 names block 8 (of 8), then 2**32 + 1 (which an int32 cast would wrap to 1), and sequence 1
+    block -1, each where its keys lie."""
     kp, vp, lk, lv, pk, pv, table, q = _setup(tier, seed=1)
     args = (_q(tier, q), tier.code(pk, "float32"), tier.code(pv, "float32"), kp, vp)
-    for bad_table in (np.array([[5, 8, 3], [2, 6, -1]]), np.array([[5, 0, 3], [-1, 6, -1]])):
+    for bad_table in (np.array([[5, 8, 3], [2, 6, -1]]), np.array([[5, 2**32 + 1, 3], [2, 6, -1]]),
+                      np.array([[5, 0, 3], [-1, 6, -1]])):  # fmt: skip
         with pytest.raises(ValueError, match=r"^block_table: expected block ids in 0\.\.7 .* sequences \[[01]\]"):
             tier.module.attention(*args, lengths=_on(tier, np.array(LENGTHS)), block_table=_on(tier, bad_table))
         out = to_numpy(tier.module.attention(*args, lengths=_on(tier, np.array(LENGTHS)),
                                              block_table=_on(tier, bad_table), validate=False))  # fmt: skip
         want = to_numpy(tier.module.attention(*args, lengths=_on(tier, np.array(LENGTHS)), block_table=_on(tier, table)))
-        bad = 0 if bad_table[0, 1] == 8 else 1
+        bad = 0 if bad_table[0, 1] != 0 else 1
         assert np.isnan(out[bad]).all()
         assert np.array_equal(out[1 - bad], want[1 - bad])
 
@@ -151,7 +153,7 @@ def test_triton_reads_blocks_stored_token_major_in_place(tier):
 
 
 def test_gather_pages_is_the_reference_layout():
-    """`paging.gather_pages` puts key ``n`` of sequence ``b`` where the table says (checked key by key)."""
+    """`paging.gather_pages` puts key ``n`` of sequence ``b`` where the table says (checked key by key, every field)."""
     from rotorquant import paging
 
     kp, vp, lk, lv, pk, pv, table, q = _setup(TIERS[0])
@@ -160,7 +162,8 @@ def test_gather_pages_is_the_reference_layout():
     for b in range(BATCH):
         for n in range(PAGE * MAX_BLOCKS):
             if table[b, n // PAGE] >= 0:
-                assert np.array_equal(got.codes[b, :, n], lk.codes[b, :, n])
+                for f in FIELDS:
+                    assert np.array_equal(getattr(got, f)[b, :, n], getattr(lk, f)[b, :, n]), (f, b, n)
 
 
 def test_appending_a_step_to_a_paged_cache(tier):

@@ -7,7 +7,9 @@ In every tier present (see ``tests/tiers.py``):
   non-finite output rows, never finite wrong ones, and leaves every other row unchanged;
 - a sequence whose length is out of range gets NaN rows;
 - the Triton tier, and the torch tier's attention, read no tensor value back on the host (checked here
-  by making every such read raise; on a GPU, ``test_triton_calls_capture_in_a_cuda_graph`` captures them).
+  by making every Python-level read -- ``item``, ``bool``, ``int``, ``tolist``, ``cpu``, ... -- raise, which
+  cannot see a synchronization inside a C++ operator; on a GPU,
+  ``test_triton_calls_capture_in_a_cuda_graph`` captures the Triton calls under sync debug mode "error").
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ except ImportError as exc:
     ) from exc
 
 from ..calibration import Calibration, calibrate
-from ..compressed import Compressed
+from ..compressed import PAYLOAD_FIELDS, Compressed
 from ..quantizer import Quantizer, Tier
 from ..spec import QuantizerSpec
 
@@ -54,8 +54,7 @@ PREFILL_PRIOR = 4.0  # isotropic pseudo-samples per sequence: a 1-token prompt s
 
 def _map_fields(code: Compressed, fn: Callable[[torch.Tensor], torch.Tensor]) -> Compressed:
     """Apply ``fn`` to every payload tensor of ``code`` (all have the batch first)."""
-    fields = ("codes", "norms", "qjl_signs", "residual_norms")
-    return dataclasses.replace(code, **{f: fn(getattr(code, f)) for f in fields if getattr(code, f) is not None})
+    return dataclasses.replace(code, **{f: fn(getattr(code, f)) for f in PAYLOAD_FIELDS if getattr(code, f) is not None})
 
 
 def _map_calibration(cal: Calibration, fn: Callable[[torch.Tensor], torch.Tensor]) -> Calibration:
@@ -67,7 +66,7 @@ def _map_calibration(cal: Calibration, fn: Callable[[torch.Tensor], torch.Tensor
 def _concat(a: Compressed, b: Compressed) -> Compressed:
     """Codes of ``(B, H, N1)`` and ``(B, H, N2)`` vectors -> ``(B, H, N1 + N2)`` (the sequence axis is 2)."""
     out = {}
-    for f in ("codes", "norms", "qjl_signs", "residual_norms"):
+    for f in PAYLOAD_FIELDS:
         x, y = getattr(a, f), getattr(b, f)
         out[f] = None if x is None else torch.cat([x, y], dim=2)
     return dataclasses.replace(a, **out)

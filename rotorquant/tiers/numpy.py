@@ -200,12 +200,8 @@ def attention(
         checks.check_lengths_range(int(lengths.min()), int(lengths.max()), kv_len, least=least)
     bad = np.zeros(batch, dtype=bool)
     if block_table is not None:
-        blocks, page = k_code.shape[0], k_code.shape[2]
-        bad = paging.bad_sequences(table, np.arange(table.shape[1]) * page, lengths, blocks)
-        if validate:
-            checks.check_block_ids(np.flatnonzero(bad).tolist(), blocks)
-        table = np.where((table >= 0) & (table < blocks), table, 0)  # unused or (unchecked) bad ids: block 0
-        k_code, v_code = paging.gather_pages(k_code, table), paging.gather_pages(v_code, table)
+        first_keys = np.arange(table.shape[1]) * k_code.shape[2]
+        k_code, v_code, bad = paging.logical_cache(k_code, v_code, table, lengths, first_keys, validate)
     hidden = q_len - 1 - np.arange(q_len) if causal else np.zeros(q_len, dtype=np.int64)  # later queries' keys
     visible = lengths[:, None] - hidden  # (B, T)
     rows = np.tile(visible, group)  # (B, group * T): row g * T + t

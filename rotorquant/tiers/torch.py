@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import checks, paging
-from ..compressed import Compressed
+from ..compressed import PAYLOAD_FIELDS, Compressed
 from ..params import QuantParams
 from ..torch_checks import (
     NORM_DTYPES,
@@ -41,7 +41,6 @@ from ..torch_checks import (
     output_dtype,
 )
 
-_FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")  # the payload of a `Compressed`
 # Elements of one chunk of rows: small enough to stay in a CPU's L2/L3 cache, large enough
 # that a GPU launches few kernels.
 _CHUNK_ELEMENTS = {"cpu": 1 << 17}
@@ -192,7 +191,7 @@ def device_params(params: QuantParams, device: torch.device, dtype: torch.dtype)
 def _check_torch_code(name: str, code: object, params: QuantParams) -> None:
     """`checks.check_code` plus: the payload is torch tensors on one device."""
     checks.check_code(name, code, params)
-    for field in _FIELDS:
+    for field in PAYLOAD_FIELDS:
         value = getattr(code, field)
         if value is not None and not isinstance(value, torch.Tensor):
             raise TypeError(
@@ -331,9 +330,10 @@ def _stored_norms(values: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor
     return torch.where(values > torch.finfo(norm_dtype).max, float("inf"), values).to(norm_dtype)
 
 
-def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: QuantParams, out: dict) -> torch.Tensor:
+def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: QuantParams, out: dict) -> torch.Tensor | None:
     """Quantize rows ``x (n, d)`` with norms ``s (n,)`` into the slices ``out[field] (n, ...)``; returns the
-    largest norm to store (a 0-dim tensor; past the norm dtype it is stored as Inf)."""
+    largest norm to store with norm correction (a 0-dim tensor; past the norm dtype it is stored as Inf),
+    else None."""
     spec = params.spec
     compute = dp.centroids.dtype
     safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
@@ -353,7 +353,7 @@ def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: Q
         out["qjl_signs"][:] = pack_bits(projected * (s > 0)[:, None].to(compute) >= 0, 1)
         rnorm = s * torch.linalg.vector_norm(unit_residual, dim=-1, dtype=torch.float64)
         out["residual_norms"][:] = rnorm.to(out["residual_norms"].dtype)
-    return scale.amax()
+    return scale.amax() if spec.norm_correction else None
 
 
 def _check_norms(flat: torch.Tensor, s: torch.Tensor, norm_dtype: torch.dtype, spec) -> None:
@@ -414,7 +414,7 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
 def _flat_fields(code: Compressed) -> dict[str, torch.Tensor]:
     """The payload of ``code`` as rows: ``codes (n, code_bytes)``, ``norms (n,)`` and the QJL fields."""
     n = math.prod(code.shape)
-    fields = {f: getattr(code, f) for f in _FIELDS}
+    fields = {f: getattr(code, f) for f in PAYLOAD_FIELDS}
     return {k: v.reshape(n, *v.shape[len(code.shape) :]) for k, v in fields.items() if v is not None}
 
 
@@ -572,18 +572,14 @@ def attention(
         checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
     ok = checks.lengths_in_range(lengths, kv_len, least)
     if block_table is not None:
-        blocks, page = k_code.shape[0], k_code.shape[2]
-        bad = paging.bad_sequences(table, torch.arange(table.shape[1], **on) * page, lengths, blocks)
-        if validate:
-            checks.check_block_ids(torch.nonzero(bad).flatten().tolist(), blocks)
+        first_keys = torch.arange(table.shape[1], **on) * k_code.shape[2]
+        k_code, v_code, bad = paging.logical_cache(k_code, v_code, table, lengths, first_keys, validate)
         ok = ok & ~bad
-        table = torch.where((table >= 0) & (table < blocks), table, 0).long()  # unused or (unchecked) bad: block 0
-        k_code, v_code = paging.gather_pages(k_code, table), paging.gather_pages(v_code, table)
     s = _scores(q.reshape(batch, kv_heads, group * q_len, dim), k_code, k_params, "k_code", finite=validate)
     s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
     if masked:
         hidden = torch.arange(q_len - 1, -1, -1, **on) if causal else torch.zeros(q_len, dtype=torch.int64, **on)
-        rows = (lengths.to(torch.int64)[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t
+        rows = (lengths[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t
         keep = torch.arange(kv_len, **on) < rows[:, None, :, None]
         s = s.masked_fill(~keep, float("-inf"))
     p = torch.softmax(s, dim=-1)

@@ -299,7 +299,8 @@ def _check_norms(x: torch.Tensor, raw: torch.Tensor, norms: torch.Tensor, spec: 
         _check_finite("x", x)
         exact = float(torch.linalg.vector_norm(x.to(torch.float64), dim=-1).max())
         checks.check_norms_fit("x", exact, limit, spec.norm_dtype.value)
-        checks.check_norms_fit("x", float(norms.max()), limit, spec.norm_dtype.value, corrected=True)
+        if spec.norm_correction:
+            checks.check_norms_fit("x", float(norms.max()), limit, spec.norm_dtype.value, corrected=True)
 
 
 def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> Compressed:
@@ -541,12 +542,11 @@ def _attention(
 
 def _block_table(table: torch.Tensor, lens: torch.Tensor, paged_shape: tuple[int, ...], validate: bool) -> torch.Tensor:
     """``table`` as contiguous int32 for the kernel; with ``validate``, every id where keys below ``lens``
-    lie is checked (one host synchronization). Ids past int32 become -1 (out of range), not wrapped."""
+    lie is checked (one host synchronization). Ids outside int32 become -1 or ``num_blocks`` (still out of
+    range), never wrapped into range."""
     blocks, _, page = paged_shape
     if validate:
-        first_keys = torch.arange(table.shape[1], device=table.device) * page
-        bad = paging.bad_sequences(table, first_keys, lens, blocks)
-        checks.check_block_ids(torch.nonzero(bad).flatten().tolist(), blocks)
+        paging.check_ids(table, torch.arange(table.shape[1], device=table.device) * page, lens, blocks)
     return table.to(torch.int64).clamp(-1, blocks).to(torch.int32).contiguous()
 
 
