@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one GPU check, about 6 minutes: the speed table with a sweep of launch configurations under
+# The one GPU check, about 6-7 minutes: the speed table with a sweep of launch configurations under
 # `timeout 150` (first, so a short lease still measures it), then the GPU cases of the test suites
 # (Triton kernels compiled for the real device, no interpreter; torch on CUDA; the CUDA-graph capture
-# of unchecked calls) under `timeout 210`. Logs go to $OUT (or ./gpu-logs).
+# of unchecked calls) under `timeout 240`. Logs go to $OUT (or ./gpu-logs).
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -40,10 +40,10 @@ par=(-p no:xdist)
 echo "== GPU tests (cuda/triton cases): ${tests[*]} ${par[*]}" | tee "$LOGS/gpu_tests.log"
 # -v names each test as it finishes (so a failure is known even if the timeout cuts the run short);
 # the console shows only failures, errors, their one-line reasons and the summary.
-timeout -k 10 210 "$PY" -m pytest -v -p no:cacheprovider -rfE --tb=line -k "cuda or triton" "${par[@]}" "${tests[@]}" 2>&1 \
+timeout -k 10 240 "$PY" -m pytest -v -p no:cacheprovider -rfE --tb=line -k "cuda or triton" "${par[@]}" "${tests[@]}" 2>&1 \
   | tee -a "$LOGS/gpu_tests.log" | grep -E "FAILED|ERROR|Error|passed|failed|^/.*:[0-9]+: " | tail -40
 rc=${PIPESTATUS[0]}
-[ "$rc" -eq 124 ] && echo "GPU tests TIMED OUT after 210 s"
+[ "$rc" -eq 124 ] && echo "GPU tests TIMED OUT after 240 s"
 [ "$rc" -eq 0 ] || status=1
 echo "== GPU tests exit status: $rc; tests finished: $(grep -cE ' (PASSED|FAILED|ERROR|SKIPPED)' "$LOGS/gpu_tests.log")"
 
