@@ -29,7 +29,7 @@ rc=${PIPESTATUS[0]}
 [ "$rc" -eq 124 ] && echo "speed table TIMED OUT after 150 s"
 [ "$rc" -eq 0 ] || status=1
 
-tests=(tests/test_triton_tier.py tests/test_unchecked_calls.py tests/test_paged_attention.py)
+tests=(tests/test_triton_tier.py tests/test_unchecked_calls.py tests/test_quantize_into.py tests/test_paged_attention.py)
 for extra in tests/test_tier_agreement.py tests/test_torch_tier.py; do
   [ -f "$extra" ] && tests+=("$extra")
 done

@@ -21,6 +21,8 @@ Quantize inputs are float16 ``(n, 128)`` vectors, 3 bits, the same tensor on eve
 about 16K rows it stays in the GPU's L2 cache between calls, as freshly computed keys would).
 Attention: batch 8, 32 query heads, 8 KV heads, head_dim 128, one query token, K and V compressed
 with 3-bit rotors, against `torch.nn.functional.scaled_dot_product_attention` on float16 K/V.
+Append: a decode step's 8 tokens, and a 2048-token prefill chunk, of 8 KV heads written into a paged
+pool, by `quantize_into` and by `quantize` plus indexed copies.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import math
 import statistics
 
 import torch
+import triton
 
 import rotorquant as rq
 from rotorquant.compressed import PAYLOAD_FIELDS
@@ -245,6 +248,41 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
         del q, k, v, k_code, v_code
 
 
+def append_table(steps: list[int], kv_heads: int, dim: int, bits: int, page: int = 16) -> None:
+    """Appending ``tokens`` new keys (``(tokens, kv_heads, dim)`` float16) into a paged pool of ``page``-token
+    blocks stored the vLLM way: `quantize_into` (one fused kernel) against `quantize` followed by one
+    indexed copy per field, both unchecked, into pools of the same blocks."""
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor"))
+    print(f"\n## append to a paged cache, {kv_heads} kv heads, head_dim {dim}, {bits} bits, {page}-token blocks (microseconds)")
+    print("GPU time: CUDA-graph replay; API latency: one call (or quantize + copies) on an idle GPU")
+    print(_row(["tokens", "GPU quantize + copy", "GPU quantize_into", "copy / into (GPU)", "API quantize + copy",
+                "API quantize_into unchecked", "API quantize_into checked", "copy / into (API)",
+                "pools equal"]))  # fmt: skip
+    for tokens in steps:
+        blocks = 2 * triton.cdiv(tokens, page)
+        x = torch.randn(tokens, kv_heads, dim, device=DEVICE, dtype=torch.float16)
+        stored = triton_tier.quantize(torch.zeros(blocks, page, kv_heads, dim, device=DEVICE, dtype=torch.float16), params)
+        pools = [dataclasses.replace(stored, **{f: getattr(stored, f).clone().transpose(1, 2) for f in PAYLOAD_FIELDS
+                                               if getattr(stored, f) is not None}) for _ in range(2)]  # fmt: skip
+        where = torch.randperm(blocks * page, generator=torch.Generator().manual_seed(tokens))[:tokens].to(DEVICE)
+        block, slot = where // page, where % page
+        slots = (block[:, None] * kv_heads + torch.arange(kv_heads, device=DEVICE)) * page + slot[:, None]
+
+        def copy(pool=pools[0]):
+            code = triton_tier.quantize(x, params, validate=False)
+            for f in PAYLOAD_FIELDS:
+                if getattr(code, f) is not None:
+                    getattr(pool, f)[block, :, slot] = getattr(code, f)
+
+        def into(pool=pools[1], validate=False):
+            triton_tier.quantize_into(x, params, pool, slots, validate=validate)
+
+        g_copy, g_into = graph_us(copy), graph_us(into)
+        a_copy, a_into, a_checked = api_us(copy), api_us(into), api_us(lambda: into(validate=True))
+        same = all(torch.equal(getattr(pools[0], f), getattr(pools[1], f)) for f in PAYLOAD_FIELDS if getattr(stored, f) is not None)
+        print(_row([tokens, g_copy, g_into, _ratio(g_copy, g_into), a_copy, a_into, a_checked, _ratio(a_copy, a_into), same]))
+
+
 def attention_sweep(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, bits: int) -> None:
     """GPU time of compressed decode attention for each launch configuration of the split kernel."""
     kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0))
@@ -269,16 +307,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 16384, 65536])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768])
+    parser.add_argument("--steps", type=int, nargs="+", default=[8, 2048], help="tokens appended per call")
     parser.add_argument("--sweep", action="store_true", help="also time launch configurations (BLOCK_N, warps, ...)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_speed.py needs a CUDA GPU")
     props = torch.cuda.get_device_properties(0)
-    import triton
-
     print(f"GPU: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}")
     quantize_table(args.sizes, dim=128, bits=3)
     attention_table(args.contexts, batch=8, q_heads=32, kv_heads=8, dim=128, bits=3)
+    append_table(args.steps, kv_heads=8, dim=128, bits=3)
     if args.sweep:
         quantize_sweep(16384, dim=128, bits=3)
         dense_quantize_sweep(16384, dim=128, bits=3)

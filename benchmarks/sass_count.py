@@ -15,7 +15,8 @@ ahead of time for sm_90 with the same constexprs, and disassembled with Triton's
   code costs in issued instructions.
 - `rotorquant.kernels.quantize.quantize_kernel` (16384 float16 vectors, d = 128, 3 bits): the
   instructions up to the kernel's last ``EXIT`` (the out-of-line slow paths of division and square
-  root are not counted), and ``per coordinate = instructions x threads / (BLOCK_N x 128)``.
+  root are not counted), and ``per coordinate = instructions x threads / (BLOCK_N x 128)``; also its
+  variant that writes into a paged cache at slots (the unchecked ``quantize_into``).
 
 These are counts, not times: they say nothing about latency, memory stalls or occupancy.
 `benchmarks/gpu_speed.py` measures time on a GPU.
@@ -120,15 +121,29 @@ def record_attention(bits: int) -> Launch:
     return recorder.launches[0]
 
 
-def record_quantize(rotation: str) -> Launch:
-    """`quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits."""
+def record_quantize(rotation: str, into: bool = False) -> Launch:
+    """`quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits; ``into``: the unchecked
+    `quantize_into` of those vectors, as 2048 tokens x 8 KV heads, into a paged cache of 16-token blocks
+    stored the vLLM way, ``(num_blocks, page, Hkv)``, read as ``(num_blocks, Hkv, page)``."""
     params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation))
-    kernel = tt.quantize_kernel
-    tt.quantize_kernel = recorder = Recorder(kernel)
+    kernel, check_device = tt.quantize_kernel, tt._check_device
+    tt.quantize_kernel, tt._check_device = recorder, _ = Recorder(kernel), lambda *args: None  # CPU tensors
+    x = torch.zeros(16384, 128, dtype=torch.float16)
     try:
-        tt._quantize_rows(torch.zeros(16384, 128, dtype=torch.float16), params)
+        if into:
+            spec = params.spec
+            pool = rq.Compressed(
+                codes=torch.zeros(1024, 16, 8, spec.code_bytes, dtype=torch.uint8).transpose(1, 2),
+                norms=torch.ones(1024, 16, 8).transpose(1, 2),
+                spec=spec,
+                dtype="float16",
+            )
+            slots = torch.arange(16384).reshape(2048, 8)
+            tt.quantize_into(x.reshape(2048, 8, 128), params, pool, slots, validate=False)
+        else:
+            tt._quantize_rows(x, params)
     finally:
-        tt.quantize_kernel = kernel
+        tt.quantize_kernel, tt._check_device = kernel, check_device
     return recorder.launches[0]
 
 
@@ -183,12 +198,13 @@ def main() -> None:
     print("\nQuantize (quantize_kernel), 3 bits\n")
     print("| rotation | vectors per program | warps | instructions | per coordinate | most frequent |")
     print("|---|---:|---:|---:|---:|---|")
-    for rotation in ("rotor", "dense"):
-        launch = record_quantize(rotation)
+    for rotation, into in (("rotor", False), ("dense", False), ("rotor", True)):
+        launch = record_quantize(rotation, into)
         body = kernel_body(get_sass(compile_for_sm90(tt.quantize_kernel, launch).asm["cubin"]))
         block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
         per_coord = len(body) * warps * 32 / (block_n * 128)
-        print(f"| {rotation} | {block_n} | {warps} | {len(body)} | {per_coord:.1f} | {_common(body)} |")
+        name = f"{rotation}, into a paged cache" if into else rotation
+        print(f"| {name} | {block_n} | {warps} | {len(body)} | {per_coord:.1f} | {_common(body)} |")
 
 
 if __name__ == "__main__":

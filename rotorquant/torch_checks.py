@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from . import checks
-from .compressed import Compressed
+from . import cache_slots, checks
+from .compressed import PAYLOAD_FIELDS, Compressed
+from .params import QuantParams
 from .spec import NormDtype
 
 NORM_DTYPES = {NormDtype.FLOAT32: torch.float32, NormDtype.FLOAT16: torch.float16}
@@ -54,3 +55,30 @@ def output_dtype(code: Compressed) -> torch.dtype:
     if dtype not in FLOATING:
         raise ValueError(f"code.dtype: expected one of {[dtype_name(t) for t in FLOATING]}, got {code.dtype!r}")
     return dtype
+
+
+def as_slots(slots: object, lead: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``slots`` as an integer tensor of shape ``lead`` on ``device``: int32 and int64 as given (no copy when
+    already there), other integer dtypes as int64."""
+    t = torch.as_tensor(slots, device=device)
+    cache_slots.check_slots_integer(_is_integer(t.dtype), dtype_name(t.dtype))
+    cache_slots.check_slots_shape(tuple(t.shape), lead)
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)
+
+
+def check_cache(cache: object, params: QuantParams, device: torch.device) -> None:
+    """``cache`` is a `Compressed` for ``params`` (see `checks.check_code`) with 1 to 4 leading dims, whose
+    payload fields are torch tensors of the spec's dtypes on ``device``, one element per entry."""
+    checks.check_code("cache", cache, params)
+    cache_slots.check_cache_shape(cache.shape)
+    norm_dtype = dtype_name(NORM_DTYPES[params.spec.norm_dtype])
+    for field in PAYLOAD_FIELDS:
+        t = getattr(cache, field)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"cache.{field}: expected a torch.Tensor, got {type(t).__name__}")
+        expected = "uint8" if field in ("codes", "qjl_signs") else norm_dtype
+        cache_slots.check_cache_field(field, dtype_name(t.dtype), expected, tuple(t.shape), t.stride())
+        if t.device != device:
+            raise ValueError(f"cache.{field}: expected device {device} (as x), got {t.device}")

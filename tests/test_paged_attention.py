@@ -191,3 +191,27 @@ def test_appending_a_step_to_a_paged_cache(tier):
     want = tier.module.attention(_q(tier, q), tier.code(logical_k, "float32"), tier.code(logical_v, "float32"), kp, vp,
                                  lengths=lengths)  # fmt: skip
     assert np.array_equal(to_numpy(got), to_numpy(want))
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_quantize_into_appends_a_step_to_a_paged_cache(tier, validate):
+    """`quantize_into` with each new vector's flat pool index ((block * Hkv + head) * PAGE + slot) leaves the
+    pools byte for byte as the recipe above does."""
+    kp, vp, lk, lv, pk, pv, table, q = _setup(tier, seed=5)
+    rng = np.random.default_rng(6)
+    new_k, new_v = rng.standard_normal((BATCH, 2, 32)), rng.standard_normal((BATCH, 2, 32))  # (tokens, Hkv, d)
+    position = np.array([5, 7])
+    block = table[np.arange(BATCH), position // PAGE]
+    slots = (block[:, None] * 2 + np.arange(2)[None, :]) * PAGE + (position % PAGE)[:, None]  # (tokens, Hkv)
+    dtype = "float64" if tier.device is None else "float32"  # what `_q` gives: the cache records x's dtype
+    for params, new, paged in ((kp, new_k, pk), (vp, new_v, pv)):
+        into, recipe = tier.code(paged, dtype), tier.code(paged, dtype)
+        tier.module.quantize_into(_q(tier, new), params, into, _on(tier, slots), validate=validate)
+        code = tier.module.quantize(_q(tier, new), params)
+        blocks, at = _on(tier, block), _on(tier, position % PAGE)
+        for f in FIELDS:
+            if getattr(code, f) is not None:
+                getattr(recipe, f)[blocks, :, at] = getattr(code, f)
+        for f in FIELDS:
+            if getattr(code, f) is not None:
+                assert np.array_equal(getattr(code_to_numpy(into), f), getattr(code_to_numpy(recipe), f)), f

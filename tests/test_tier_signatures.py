@@ -6,7 +6,7 @@ import pytest
 
 from tiers import NUMPY, TIERS
 
-PUBLIC = ("quantize", "dequantize", "scores", "attention")
+PUBLIC = ("quantize", "quantize_into", "dequantize", "scores", "attention")
 
 
 def _parameters(fn):

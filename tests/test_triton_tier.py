@@ -544,9 +544,12 @@ def test_gpu_speed_tables_run_on_the_interpreter(monkeypatch, capsys):
     gpu_speed.dense_quantize_sweep(40, dim=128, bits=3)
     gpu_speed.attention_table([48], batch=1, q_heads=4, kv_heads=2, dim=32, bits=3)
     gpu_speed.attention_sweep(40, batch=1, q_heads=4, kv_heads=2, dim=32, bits=3)
+    gpu_speed.append_table([3, 20], kv_heads=2, dim=32, bits=3)
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line[:1].isdigit()]
-    assert len(rows) == 1 + 9 + 5 + 1 + 9, "\n".join(lines)
+    assert len(rows) == 1 + 9 + 5 + 1 + 9 + 2, "\n".join(lines)
+    append_rows = [line for line in rows if line.startswith(("3 |", "20 |"))]
+    assert len(append_rows) == 2 and all(line.endswith("| True") for line in append_rows), append_rows
     attention_row = [line for line in rows if line.startswith("48 |")]  # last cells: max |paged - contiguous|,
     assert len(attention_row) == 1, attention_row  # max |triton - SDPA on the dequantized cache|
     paged_err, sdpa_err = (float(cell) for cell in attention_row[0].split("|")[-2:])
@@ -582,6 +585,7 @@ def drive(dtype, causal=False, paged=False, **kw):
     tt.scores(torch.zeros(3, spec.dim, dtype=dtype), code, p)
     cache = rq.Compressed(spec=spec, dtype=code.dtype, **{k: None if v is None else v.reshape(2, 2, 16, *v.shape[1:]) for k, v in f.items()})
     tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, causal=causal)
+    tt.quantize_into(torch.zeros(2, 2, spec.dim, dtype=dtype), p, cache, torch.tensor([[0, 5], [-1, 63]]), validate=False)
     if paged:  # the cache as 2 blocks of 16 keys, each sequence reading both
         tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, block_table=torch.tensor([[1, 0], [0, 1]]))
 
@@ -604,7 +608,7 @@ _PTXAS = os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run every kernel for real")
 def test_kernels_compile_for_a_gpu(tmp_path):
     """Every kernel variant the tier launches (float16/bfloat16/float32/float64 inputs, rotor/dense, QJL,
-    norm correction, ragged d) compiles ahead of time for an sm_90 GPU with Triton's own ptxas,
+    norm correction, ragged d, quantize into a cache) compiles ahead of time for an sm_90 GPU with Triton's own ptxas,
     and fits the 227 KiB of shared memory of an H100. Catches what the interpreter cannot:
     constexpr misuse, tl.dot shapes and dtypes, pointer types, int64 shifts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -273,9 +273,9 @@ def test_unchecked_triton_quantize_reads_nothing_back(tier, kw):
 
 @pytest.mark.skipif(not (TRITON and TRITON[0].device == "cuda"), reason="CUDA graphs need a GPU")
 def test_triton_calls_capture_in_a_cuda_graph():
-    """One decode step, quantizing a token's keys and attending over the cache (also as a paged pool),
-    captured in a CUDA graph and replayed on new inputs, equals the eager calls; host synchronization is
-    an error throughout."""
+    """One decode step, quantizing a token's keys (also straight into a cache) and attending over the cache
+    (also as a paged pool), captured in a CUDA graph and replayed on new inputs, equals the eager calls;
+    host synchronization is an error throughout."""
     tt = TRITON[0].module
     k_params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3))
     v_params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, seed=1))
@@ -285,9 +285,12 @@ def test_triton_calls_capture_in_a_cuda_graph():
     q = torch.zeros((4, 8, 1, 128), dtype=torch.float16, device="cuda")
     lengths = torch.full((4,), 256, dtype=torch.int32, device="cuda")
     table = torch.arange(4, dtype=torch.int32, device="cuda")[:, None]  # the cache as a pool of 4 blocks of 256 keys
+    pool = tt.quantize(cache[:, :, :8], k_params)  # a small (4, 2, 8) cache the step appends the token to
+    slots = (torch.arange(8, device="cuda") * 8 + 7).reshape(4, 2, 1)  # entry (b, h, 7)
 
     def step():
         new = tt.quantize(token, k_params, validate=False)
+        tt.quantize_into(token, k_params, pool, slots, validate=False)
         out = tt.attention(q, k_code, v_code, k_params, v_params, lengths=lengths, validate=False)
         paged = tt.attention(q, k_code, v_code, k_params, v_params, lengths=lengths, block_table=table, validate=False)
         return new, out, paged
@@ -316,4 +319,6 @@ def test_triton_calls_capture_in_a_cuda_graph():
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert _same_code(new_code, want_code)
+    appended = dataclasses.replace(pool, **{f: getattr(pool, f)[:, :, 7:] for f in FIELDS if getattr(pool, f) is not None})
+    assert _same_code(appended, want_code)
     assert torch.equal(out, want) and torch.equal(paged, want)

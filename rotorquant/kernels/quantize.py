@@ -14,7 +14,8 @@ One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for f
     QJL:  S r = s * (S Rot^T) (y - c[k]),  ||r|| = s * ||y - c[k]||   (the rotation is orthogonal)
 
 The coordinates are processed in chunks of ``BLOCK_C`` (a multiple of 8, so each chunk packs
-into whole bytes).
+into whole bytes). With ``SLOTS`` the results go straight into a cache's fields at the entries
+``slots`` names (`rotorquant.cache_slots`), norms rounded to the cache's norm dtype in the kernel.
 """
 
 import triton
@@ -83,23 +84,51 @@ def exact_sqrt(
 
 
 @triton.jit
+def _entry(
+    slot,  # (ROWS,) int64 flat entry indices in 0 .. entries - 1
+    size1: tl.constexpr,  # L1
+    size2: tl.constexpr,  # L2
+    size3: tl.constexpr,  # L3
+    INDEX: tl.constexpr,  # tl.int32 when every index fits it (fewer than 2**31 entries), else tl.int64
+):
+    """``(i0, i1, i2, i3)`` int64: the row-major indices of entry ``slot`` over ``(L0, L1, L2, L3)``,
+    ``slot = ((i0 * L1 + i1) * L2 + i2) * L3 + i3``, divided by constants in ``INDEX``."""
+    e = slot.to(INDEX)
+    i3 = e % size3
+    e = e // size3
+    i2 = e % size2
+    e = e // size2
+    return (e // size1).to(tl.int64), (e % size1).to(tl.int64), i2.to(tl.int64), i3.to(tl.int64)
+
+
+@triton.jit
 def quantize_kernel(
     x_ptr,  # (n, d) input vectors, any float dtype, rows stride_x apart
     stride_x,  # elements between consecutive rows of x
     n,  # number of vectors
     d: tl.constexpr,  # vector dimension
-    codes_ptr,  # (n, code_bytes) uint8 output: packed codes
+    codes_ptr,  # (n, code_bytes) uint8 output: packed codes (SLOTS: the cache's)
     code_bytes: tl.constexpr,  # ceil(d * BITS / 8)
-    norms_ptr,  # (n,) CDT output: the stored norm (s, or s / ||c[k]|| with NORM_CORRECTION)
+    norms_ptr,  # (n,) CDT output: the stored norm (s, or s / ||c[k]|| with NORM_CORRECTION) (SLOTS: the cache's)
     raw_norms_ptr,  # (n,) CDT output: s = ||x|| (written only with NORM_CORRECTION)
     rot_ptr,  # DENSE: (BLOCK_D, BLOCK_D) CDT R^T zero-padded; rotor: (3, BLOCK_D) weights W
     bnd_ptr,  # (2**BITS - 1,) CDT boundaries
     cent_ptr,  # (2**BITS,) CDT centroids
     proj_ptr,  # QJL: (BLOCK_D, BLOCK_M) CDT (S Rot^T)^T zero-padded
-    signs_ptr,  # QJL: (n, sign_bytes) uint8 output: packed sign bits of S r
+    signs_ptr,  # QJL: (n, sign_bytes) uint8 output: packed sign bits of S r (SLOTS: the cache's)
     sign_bytes,  # QJL: ceil(m / 8)
-    res_norms_ptr,  # QJL: (n,) CDT output: ||r||
+    res_norms_ptr,  # QJL: (n,) CDT output: ||r|| (SLOTS: the cache's)
     m,  # QJL: number of projections
+    # SLOTS: the outputs are the fields of a cache of leading shape (L0, L1, L2, L3) (padded in front with
+    # 1s), each with its own element strides over those dims; vector i goes to the entry whose row-major
+    # flat index is slots[i], and a slot outside 0..entries - 1 writes nothing
+    slots_ptr,  # SLOTS: (n,) int32 or int64 flat entry index of each vector
+    size1: tl.constexpr, size2: tl.constexpr, size3: tl.constexpr,  # SLOTS: L1, L2, L3 (constants: cheap division)
+    entries,  # SLOTS: L0 * L1 * L2 * L3
+    codes_s0, codes_s1, codes_s2, codes_s3,  # SLOTS: strides of the cache's codes (bytes)
+    norms_s0, norms_s1, norms_s2, norms_s3,  # SLOTS: strides of its norms (elements)
+    signs_s0, signs_s1, signs_s2, signs_s3,  # SLOTS and QJL: strides of its sign bytes (bytes)
+    res_s0, res_s1, res_s2, res_s3,  # SLOTS and QJL: strides of its residual norms (elements)
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
     BITS: tl.constexpr,  # bits per code (spec.mse_bits)
@@ -108,6 +137,8 @@ def quantize_kernel(
     NORM_CORRECTION: tl.constexpr,  # True: store s / ||c[k]||
     SQUARES_FIT: tl.constexpr,  # True for float16 x: sum(x^2) fits the compute dtype, no max-scaling needed
     NORM_MAX: tl.constexpr,  # > 0: stored norms past it (the norm dtype's largest value) become Inf; 0: as computed
+    SLOTS: tl.constexpr,  # True: write into a cache at slots (norms cast to its norm dtype; raw_norms unused)
+    SLOT_INDEX: tl.constexpr,  # SLOTS: tl.int32 (entries < 2**31) or tl.int64, the dtype slots are unraveled in
     BLOCK_N: tl.constexpr,  # vectors per program
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
@@ -116,6 +147,20 @@ def quantize_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     rows64 = rows.to(tl.int64)
+    if SLOTS:
+        slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+        put = row_ok & (slot >= 0) & (slot < entries)
+        i0, i1, i2, i3 = _entry(tl.where(put, slot, 0), size1, size2, size3, SLOT_INDEX)
+        code_at = i0 * codes_s0 + i1 * codes_s1 + i2 * codes_s2 + i3 * codes_s3
+        norm_at = i0 * norms_s0 + i1 * norms_s1 + i2 * norms_s2 + i3 * norms_s3
+        sign_at = i0 * signs_s0 + i1 * signs_s1 + i2 * signs_s2 + i3 * signs_s3
+        res_at = i0 * res_s0 + i1 * res_s1 + i2 * res_s2 + i3 * res_s3
+    else:
+        put = row_ok
+        code_at = rows64 * code_bytes
+        norm_at = rows
+        sign_at = rows64 * sign_bytes
+        res_at = rows
     cols = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + rows64 * stride_x
     x = tl.load(x_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < d), other=0.0)
@@ -136,7 +181,7 @@ def quantize_kernel(
     if DENSE:
         u = (x * pre[:, None]) * scale[:, None]
 
-    code_rows = codes_ptr + rows64 * code_bytes
+    code_rows = codes_ptr + code_at
     mcols = tl.arange(0, BLOCK_M)
     sketch = tl.zeros((BLOCK_N, BLOCK_M), dtype=CDT)
     res_sq = tl.zeros((BLOCK_N,), dtype=CDT)
@@ -158,7 +203,7 @@ def quantize_kernel(
                 y += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * xi
         valid = (cc < d)[None, :]
         code = tl.where(valid, nearest_code(y, bnd_ptr, BITS), 0)
-        store_codes(code_rows, row_ok, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C)
+        store_codes(code_rows, put, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C)
         if QJL or NORM_CORRECTION:
             level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
             if NORM_CORRECTION:
@@ -171,12 +216,14 @@ def quantize_kernel(
 
     stored = s
     if NORM_CORRECTION:
-        tl.store(raw_norms_ptr + rows, s, mask=row_ok)
+        if not SLOTS:
+            tl.store(raw_norms_ptr + rows, s, mask=row_ok)
         stored = s / exact_sqrt(cent_sq)
     if NORM_MAX > 0:  # unchecked calls: Inf, where a cast to the norm dtype would round down to its max
         stored = tl.where(stored > NORM_MAX, float("inf"), stored)
-    tl.store(norms_ptr + rows, stored, mask=row_ok)
+    tl.store(norms_ptr + norm_at, stored.to(norms_ptr.dtype.element_ty), mask=put)
     if QJL:
         bits = tl.where((sketch * s[:, None] >= 0) & (mcols < m)[None, :], 1, 0)
-        store_codes(signs_ptr + rows64 * sign_bytes, row_ok, bits, 0, sign_bytes, 1, BLOCK_N, BLOCK_M)
-        tl.store(res_norms_ptr + rows, s * exact_sqrt(res_sq), mask=row_ok)
+        store_codes(signs_ptr + sign_at, put, bits, 0, sign_bytes, 1, BLOCK_N, BLOCK_M)
+        res_norm = s * exact_sqrt(res_sq)
+        tl.store(res_norms_ptr + res_at, res_norm.to(res_norms_ptr.dtype.element_ty), mask=put)

@@ -17,10 +17,10 @@ import math
 
 import numpy as np
 
-from .. import checks, paging
+from .. import cache_slots, checks, paging
 from ..bitpack import pack_codes, unpack_codes
 from ..cl3 import rotate_groups
-from ..compressed import Compressed
+from ..compressed import PAYLOAD_FIELDS, Compressed
 from ..params import QuantParams
 from ..spec import NormDtype
 
@@ -71,6 +71,50 @@ def quantize(x: np.ndarray, params: QuantParams, *, validate: bool = True) -> Co
     x64 = _as_vectors("x", x, params.spec.dim, finite=validate)
     with np.errstate(invalid="ignore", over="ignore"):  # reached only by non-finite rows (validate=False)
         return _quantize(x64, params, x.dtype.name, validate)
+
+
+def quantize_into(x: np.ndarray, params: QuantParams, cache: Compressed, slots, *, validate: bool = True) -> None:
+    """Compress ``x (..., d)`` and write vector ``i`` into ``cache`` at flat index ``slots[i]``, in place.
+
+    ``cache``: a `Compressed` for ``params.spec`` of leading shape ``L`` (1 to 4 dims), the dtype of ``x``;
+    ``slots``: integers of ``x``'s leading shape, each a row-major flat index over ``L``, or -1 to skip
+    (see `rotorquant.cache_slots`). Each written entry is exactly ``quantize(x, params)``'s for its vector.
+
+    ``validate=True`` checks everything before writing anything: ``x`` as `quantize` does, every slot in
+    ``-1..size(L) - 1``, no entry written twice. ``validate=False`` skips the checks that read values: a
+    vector `quantize` would refuse is stored with a non-finite norm, a slot out of range writes nothing,
+    and for repeated slots which vector lands is unspecified.
+    """
+    checks.check_params(params)
+    validate = checks.check_bool("validate", validate)
+    _check_cache(cache, params)
+    x64 = _as_vectors("x", x, params.spec.dim, finite=False)
+    cache_slots.check_x_dtype(x.dtype.name, cache.dtype)
+    index = np.asarray(slots)
+    cache_slots.check_slots_integer(index.dtype.kind in "iu", str(index.dtype))
+    cache_slots.check_slots_shape(index.shape, x64.shape[:-1])
+    index = index.astype(np.int64)
+    if validate:
+        cache_slots.check_slot_values(index.reshape(-1), cache_slots.size(cache.shape))
+        checks.check_finite("x", bool(np.isfinite(x64).all()))
+    with np.errstate(invalid="ignore", over="ignore"):  # reached only by non-finite rows (validate=False)
+        code = _quantize(x64, params, x.dtype.name, validate)
+    cache_slots.write(cache, code, index)
+
+
+def _check_cache(cache: object, params: QuantParams) -> None:
+    """``cache`` is a `Compressed` for ``params`` with 1 to 4 leading dims and NumPy fields of the spec's
+    dtypes, one element per entry."""
+    checks.check_code("cache", cache, params)
+    cache_slots.check_cache_shape(cache.shape)
+    for field in PAYLOAD_FIELDS:
+        a = getattr(cache, field)
+        if a is None:
+            continue
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"cache.{field}: expected a numpy.ndarray, got {type(a).__name__}")
+        expected = "uint8" if field in ("codes", "qjl_signs") else np.dtype(_NORM_DTYPES[params.spec.norm_dtype]).name
+        cache_slots.check_cache_field(field, a.dtype.name, expected, a.shape, a.strides)
 
 
 def _quantize(x64: np.ndarray, params: QuantParams, dtype: str, validate: bool) -> Compressed:

@@ -28,12 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import checks, paging
+from .. import cache_slots, checks, paging
 from ..compressed import PAYLOAD_FIELDS, Compressed
 from ..params import QuantParams
 from ..torch_checks import (
     NORM_DTYPES,
+    as_slots,
     check_block_table_dtype,
+    check_cache,
     check_lengths_dtype,
     check_vectors,
     compute_dtype,
@@ -406,6 +408,30 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
         checks.check_norms_fit("x", biggest, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value, corrected=True)
     fields = {k: v.reshape((*lead, *v.shape[1:])) for k, v in out.items()}
     return Compressed(spec=spec, dtype=dtype_name(x.dtype), **fields)
+
+
+def quantize_into(x: torch.Tensor, params: QuantParams, cache: Compressed, slots, *, validate: bool = True) -> None:
+    """Compress ``x (..., d)`` and write vector ``i`` into ``cache`` at flat index ``slots[i]``, in place.
+
+    ``cache``: a `Compressed` for ``params.spec`` of leading shape ``L`` (1 to 4 dims, fields in any
+    layout) on ``x``'s device, of ``x``'s dtype; ``slots``: integers of ``x``'s leading shape, each a
+    row-major flat index over ``L``, or -1 to skip (see `rotorquant.cache_slots`). Each written entry is
+    exactly ``quantize(x, params)``'s for its vector: this tier quantizes, then copies.
+
+    ``validate=True`` checks everything before writing anything: ``x`` as `quantize` does, every slot in
+    ``-1..size(L) - 1``, no entry written twice. ``validate=False`` skips the checks that read values: a
+    vector `quantize` would refuse is stored with a non-finite norm, a slot out of range writes nothing,
+    and for repeated slots which vector lands is unspecified.
+    """
+    checks.check_params(params)
+    validate = checks.check_bool("validate", validate)
+    x = check_vectors("x", x, params.spec.dim)
+    check_cache(cache, params, x.device)
+    cache_slots.check_x_dtype(dtype_name(x.dtype), cache.dtype)
+    index = as_slots(slots, tuple(x.shape[:-1]), x.device)
+    if validate:
+        cache_slots.check_slot_values(index.reshape(-1), cache_slots.size(cache.shape))
+    cache_slots.write(cache, quantize(x, params, validate=validate), index)
 
 
 # ---------------------------------------------------------------- dequantize, scores, attention

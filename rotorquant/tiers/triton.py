@@ -8,6 +8,7 @@ set before this module is imported). The kernels live in `rotorquant.kernels`:
 function               kernels
 =====================  ==============================================================
 `quantize`             `quantize_kernel`: norm, rotation, codes, packing, QJL sketch
+`quantize_into`        `quantize_kernel` writing into a cache at slots (unchecked calls)
 `dequantize`           `dequantize_kernel`: unpack, centroids, inverse rotation, scale
 `scores`               `scores_kernel` on queries rotated once: ``s * Rot(q) . c[k]``
 `attention`            `attention_split_kernel` + `attention_combine_kernel`
@@ -36,7 +37,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
         f"(missing: {err.name})"
     ) from err
 
-from .. import checks, paging
+from .. import cache_slots, checks, paging
 from ..compressed import Compressed
 from ..kernels.attention import attention_combine_kernel, attention_split_kernel
 from ..kernels.dequantize import dequantize_kernel
@@ -46,7 +47,9 @@ from ..params import QuantParams
 from ..spec import QuantizerSpec
 from ..torch_checks import (
     NORM_DTYPES,
+    as_slots,
     check_block_table_dtype,
+    check_cache,
     check_lengths_dtype,
     check_vectors,
     compute_dtype,
@@ -54,7 +57,7 @@ from ..torch_checks import (
     output_dtype,
 )
 
-__all__ = ["attention", "dequantize", "quantize", "scores"]
+__all__ = ["attention", "dequantize", "quantize", "quantize_into", "scores"]
 
 INTERPRETING = type(quantize_kernel).__name__ == "InterpretedFunction"
 """True when ``TRITON_INTERPRET=1`` was set before the kernels were imported (CPU tensors)."""
@@ -69,6 +72,8 @@ _WARPS = 8
 # Triton 3.9 warns that 3.10 will default to unfused, which would change the kernels' rounding.
 _FUSED = {"enable_fp_fusion": True}
 _SQRT_HALF_PI = math.sqrt(math.pi / 2)
+# Caches with more entries than this unravel slots in int64 (tests lower it to cover that path).
+_INT32_ENTRIES = 2**31 - 1
 
 
 def _pow2(n: int) -> int:
@@ -254,22 +259,34 @@ def _quantize_rows(
     num_warps: int | None = None,
     block_c: int | None = None,
     cap_norms: bool = False,
+    into: tuple[Compressed, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Launch `quantize_kernel` on ``rows (n, d)`` (unit stride): float32
     ``(codes, norms, raw_norms, signs, residual_norms)``; no checks, no synchronization.
     ``cap_norms``: stored norms past the norm dtype's largest value come out Inf.
+    ``into = (cache, slots)``: write into ``cache``'s fields at the flat entries ``slots (n,)`` instead
+    (see `rotorquant.cache_slots`); the cache's fields are returned.
     ``block_n`` (vectors per program), ``num_warps`` and ``block_c`` (coordinates per chunk) override
     the launch configuration (benchmarks)."""
     spec = params.spec
     compute = compute_dtype(rows.dtype)
     tab = _tables(params, rows.device, compute)
     n = rows.shape[0]
-    new = functools.partial(torch.empty, device=rows.device)
-    codes = new((n, spec.code_bytes), dtype=torch.uint8)
-    norms = new((n,), dtype=compute)
-    raw = new((n,), dtype=compute) if spec.norm_correction else norms
-    signs = new((n, spec.sign_bytes), dtype=torch.uint8) if spec.qjl else None
-    res = new((n,), dtype=compute) if spec.qjl else None
+    if into is None:
+        new = functools.partial(torch.empty, device=rows.device)
+        codes = new((n, spec.code_bytes), dtype=torch.uint8)
+        norms = new((n,), dtype=compute)
+        raw = new((n,), dtype=compute) if spec.norm_correction else norms
+        signs = new((n, spec.sign_bytes), dtype=torch.uint8) if spec.qjl else None
+        res = new((n,), dtype=compute) if spec.qjl else None
+        slot_args = (codes, *[1] * 4, *[0] * 16)  # unused without SLOTS
+        wide = False
+    else:
+        cache, slots = into
+        codes, norms, signs, res = cache.codes, cache.norms, cache.qjl_signs, cache.residual_norms
+        raw = norms
+        slot_args = _slot_args(cache, slots)
+        wide = cache_slots.size(cache.shape) > _INT32_ENTRIES
     default_n, default_c, default_warps = _quantize_launch(spec, tab.block_d, tab.block_m)
     block_n, num_warps, block_c = block_n or default_n, num_warps or default_warps, block_c or default_c
     if n:
@@ -279,14 +296,27 @@ def _quantize_rows(
             tab.fwd, tab.boundaries, tab.centroids,
             tab.proj if spec.qjl else tab.centroids,
             signs if spec.qjl else codes, spec.sign_bytes,
-            res if spec.qjl else norms, spec.qjl_dim,
+            res if spec.qjl else norms, spec.qjl_dim, *slot_args,
             **_kernel_dtypes(compute), BITS=spec.mse_bits, DENSE=params.rotation is not None, QJL=spec.qjl,
             NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
             NORM_MAX=float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max) if cap_norms else 0.0,
-            BLOCK_N=block_n, BLOCK_D=tab.block_d,
+            SLOTS=into is not None, SLOT_INDEX=tl.int64 if wide else tl.int32, BLOCK_N=block_n, BLOCK_D=tab.block_d,
             BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=num_warps, **_FUSED,
         )  # fmt: skip
     return codes, norms, raw, signs, res
+
+
+def _slot_args(cache: Compressed, slots: torch.Tensor) -> tuple:
+    """`quantize_kernel`'s ``slots_ptr .. res_s3`` for writing into ``cache`` at ``slots``: its leading shape
+    and each field's strides over it, padded in front to four dims (size 1, stride 0)."""
+    pad = cache_slots.MAX_CACHE_DIMS - len(cache.shape)
+    sizes = (1,) * pad + cache.shape
+
+    def strides(t: torch.Tensor | None) -> tuple[int, ...]:
+        return (0,) * 4 if t is None else (0,) * pad + t.stride()[: len(cache.shape)]
+
+    fields = (cache.codes, cache.norms, cache.qjl_signs, cache.residual_norms)
+    return (slots, *sizes[1:], cache_slots.size(cache.shape), *[st for t in fields for st in strides(t)])
 
 
 def _check_norms(x: torch.Tensor, raw: torch.Tensor, norms: torch.Tensor, spec: QuantizerSpec) -> None:
@@ -332,6 +362,39 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
         fields["qjl_signs"] = signs.reshape(*lead, spec.sign_bytes)
         fields["residual_norms"] = res.to(norm_dtype).reshape(lead)
     return Compressed(**fields)
+
+
+def quantize_into(x: torch.Tensor, params: QuantParams, cache: Compressed, slots, *, validate: bool = True) -> None:
+    """Compress ``x (..., d)`` and write vector ``i`` into ``cache`` at flat index ``slots[i]``, in place.
+
+    ``cache``: a `Compressed` for ``params.spec`` of leading shape ``L`` (1 to 4 dims, fields in any
+    layout: a paged pool, a vLLM-style ``(num_blocks, page, Hkv)`` view) on ``x``'s device, of ``x``'s
+    dtype; ``slots``: integers of ``x``'s leading shape, each a row-major flat index over ``L``, or -1 to
+    skip (see `rotorquant.cache_slots`). Each written entry is exactly ``quantize(x, params)``'s for its
+    vector.
+
+    ``validate=True`` checks everything before writing anything (``x`` as `quantize` does, every slot in
+    ``-1..size(L) - 1``, no entry written twice; host synchronizations), then quantizes and copies.
+    ``validate=False`` skips the checks that read values and runs one fused kernel that writes straight
+    into the cache, with no other launch when ``x`` and ``slots`` (int32 or int64, on the device) are
+    contiguous: it never synchronizes, so CUDA graphs can capture it. A vector `quantize`
+    would refuse is stored with a non-finite norm, a slot out of range writes nothing, and for repeated
+    slots which vector lands (field by field) is unspecified.
+    """
+    checks.check_params(params)
+    validate = checks.check_bool("validate", validate)
+    x = _as_vectors("x", x, params.spec.dim)
+    check_cache(cache, params, x.device)
+    cache_slots.check_x_dtype(dtype_name(x.dtype), cache.dtype)
+    index = as_slots(slots, tuple(x.shape[:-1]), x.device).reshape(-1)
+    if validate:
+        cache_slots.check_slot_values(index, cache_slots.size(cache.shape))
+        cache_slots.write(cache, quantize(x, params), index)
+        return
+    rows = x.reshape(-1, params.spec.dim)
+    if rows.shape[0] and rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    _quantize_rows(rows, params, cap_norms=True, into=(cache, index))
 
 
 # ---------------------------------------------------------------------------- dequantize
