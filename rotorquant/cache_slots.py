@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import collections
 import math
+from typing import Any
 
+from . import checks
 from .compressed import PAYLOAD_FIELDS, Compressed
+from .params import QuantParams
 
 MAX_CACHE_DIMS = 4
 """Leading dims a cache may have (the Triton kernel unravels a slot over at most four)."""
@@ -31,6 +34,22 @@ def check_cache_shape(shape: tuple[int, ...]) -> None:
     """A cache has 1 to `MAX_CACHE_DIMS` leading dims."""
     if not 1 <= len(shape) <= MAX_CACHE_DIMS:
         raise ValueError(f"cache: expected 1 to {MAX_CACHE_DIMS} leading dims, got leading shape {tuple(shape)}")
+
+
+def check_cache(cache: object, params: QuantParams, array_type: type, type_name: str, describe) -> list[tuple[str, Any]]:
+    """``cache`` is a `Compressed` for ``params`` (`checks.check_code`) with 1 to `MAX_CACHE_DIMS` leading dims
+    whose payload fields are ``array_type`` arrays passing `check_cache_field` (``describe(a)`` gives an
+    array's dtype name and strides); returns the ``(field, array)`` pairs present, for the tier's own checks."""
+    checks.check_code("cache", cache, params)
+    check_cache_shape(cache.shape)
+    fields = [(f, getattr(cache, f)) for f in PAYLOAD_FIELDS if getattr(cache, f) is not None]
+    for field, a in fields:
+        if not isinstance(a, array_type):
+            raise TypeError(f"cache.{field}: expected a {type_name}, got {type(a).__name__}")
+        dtype, strides = describe(a)
+        expected = "uint8" if field in ("codes", "qjl_signs") else params.spec.norm_dtype.value
+        check_cache_field(field, dtype, expected, tuple(a.shape), tuple(strides))
+    return fields
 
 
 def check_cache_field(field: str, dtype: str, expected: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:

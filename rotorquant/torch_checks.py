@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import cache_slots, checks
-from .compressed import PAYLOAD_FIELDS, Compressed
+from .compressed import Compressed
 from .params import QuantParams
 from .spec import NormDtype
 
@@ -67,18 +67,11 @@ def as_slots(slots: object, lead: tuple[int, ...], device: torch.device) -> torc
 
 
 def check_cache(cache: object, params: QuantParams, device: torch.device) -> None:
-    """``cache`` is a `Compressed` for ``params`` (see `checks.check_code`) with 1 to 4 leading dims, whose
-    payload fields are torch tensors of the spec's dtypes on ``device``, one element per entry."""
-    checks.check_code("cache", cache, params)
-    cache_slots.check_cache_shape(cache.shape)
-    norm_dtype = dtype_name(NORM_DTYPES[params.spec.norm_dtype])
-    for field in PAYLOAD_FIELDS:
-        t = getattr(cache, field)
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"cache.{field}: expected a torch.Tensor, got {type(t).__name__}")
-        expected = "uint8" if field in ("codes", "qjl_signs") else norm_dtype
-        cache_slots.check_cache_field(field, dtype_name(t.dtype), expected, tuple(t.shape), t.stride())
+    """``cache`` passes `rotorquant.cache_slots.check_cache` with torch tensors on ``device``."""
+    for field, t in cache_slots.check_cache(cache, params, torch.Tensor, "torch.Tensor", _dtype_and_strides):
         if t.device != device:
             raise ValueError(f"cache.{field}: expected device {device} (as x), got {t.device}")
+
+
+def _dtype_and_strides(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
+    return dtype_name(t.dtype), t.stride()

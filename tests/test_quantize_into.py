@@ -231,6 +231,16 @@ def test_argument_errors_write_nothing(tier, validate):
 TORCH_CPU = [t for t in TIERS if t.name == "torch-cpu"]
 
 
+def test_read_only_numpy_cache_is_refused():
+    params = _params(dict(dim=32, bits=3))
+    cache = _cache(TIERS[0], params, "flat")
+    cache.norms.flags.writeable = False
+    before = _copy(cache)
+    with pytest.raises(ValueError, match="^cache.norms: expected a writable array, got a read-only one"):
+        ref.quantize_into(np.ones((1, 32), dtype=np.float32), params, cache, np.array([3]))
+    assert _same(cache, before)
+
+
 @pytest.mark.parametrize("tier", TORCH_CPU, ids=lambda t: t.name)
 def test_cache_on_another_device_is_refused(tier):
     params = _params(dict(dim=32, bits=3))

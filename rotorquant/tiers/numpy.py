@@ -20,7 +20,7 @@ import numpy as np
 from .. import cache_slots, checks, paging
 from ..bitpack import pack_codes, unpack_codes
 from ..cl3 import rotate_groups
-from ..compressed import PAYLOAD_FIELDS, Compressed
+from ..compressed import Compressed
 from ..params import QuantParams
 from ..spec import NormDtype
 
@@ -103,18 +103,15 @@ def quantize_into(x: np.ndarray, params: QuantParams, cache: Compressed, slots, 
 
 
 def _check_cache(cache: object, params: QuantParams) -> None:
-    """``cache`` is a `Compressed` for ``params`` with 1 to 4 leading dims and NumPy fields of the spec's
-    dtypes, one element per entry."""
-    checks.check_code("cache", cache, params)
-    cache_slots.check_cache_shape(cache.shape)
-    for field in PAYLOAD_FIELDS:
-        a = getattr(cache, field)
-        if a is None:
-            continue
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"cache.{field}: expected a numpy.ndarray, got {type(a).__name__}")
-        expected = "uint8" if field in ("codes", "qjl_signs") else np.dtype(_NORM_DTYPES[params.spec.norm_dtype]).name
-        cache_slots.check_cache_field(field, a.dtype.name, expected, a.shape, a.strides)
+    """``cache`` passes `rotorquant.cache_slots.check_cache` with writable NumPy fields."""
+    for field, a in cache_slots.check_cache(cache, params, np.ndarray, "numpy.ndarray", _dtype_and_strides):
+        if not a.flags.writeable:
+            raise ValueError(f"cache.{field}: expected a writable array, got a read-only one")
+
+
+def _dtype_and_strides(a: np.ndarray) -> tuple[str, tuple[int, ...]]:
+    """An array's dtype name and strides (in bytes: element strides for the uint8 fields)."""
+    return a.dtype.name, a.strides
 
 
 def _quantize(x64: np.ndarray, params: QuantParams, dtype: str, validate: bool) -> Compressed:

@@ -411,17 +411,10 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
 
 
 def quantize_into(x: torch.Tensor, params: QuantParams, cache: Compressed, slots, *, validate: bool = True) -> None:
-    """Compress ``x (..., d)`` and write vector ``i`` into ``cache`` at flat index ``slots[i]``, in place.
-
-    ``cache``: a `Compressed` for ``params.spec`` of leading shape ``L`` (1 to 4 dims, fields in any
-    layout) on ``x``'s device, of ``x``'s dtype; ``slots``: integers of ``x``'s leading shape, each a
-    row-major flat index over ``L``, or -1 to skip (see `rotorquant.cache_slots`). Each written entry is
-    exactly ``quantize(x, params)``'s for its vector: this tier quantizes, then copies.
-
-    ``validate=True`` checks everything before writing anything: ``x`` as `quantize` does, every slot in
-    ``-1..size(L) - 1``, no entry written twice. ``validate=False`` skips the checks that read values: a
-    vector `quantize` would refuse is stored with a non-finite norm, a slot out of range writes nothing,
-    and for repeated slots which vector lands is unspecified.
+    """Compress ``x (..., d)`` and write vector ``i`` into ``cache`` at flat index ``slots[i]``, in place: the
+    reference's `rotorquant.tiers.numpy.quantize_into` on torch tensors (``cache`` and ``slots`` on ``x``'s
+    device). This tier quantizes, then copies, and synchronizes with the host even with ``validate=False``
+    (to redo extreme float32 norms, and to select the slots in range).
     """
     checks.check_params(params)
     validate = checks.check_bool("validate", validate)
