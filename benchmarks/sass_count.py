@@ -127,7 +127,8 @@ def record_quantize(rotation: str, into: bool = False) -> Launch:
     stored the vLLM way, ``(num_blocks, page, Hkv)``, read as ``(num_blocks, Hkv, page)``."""
     params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation))
     kernel, check_device = tt.quantize_kernel, tt._check_device
-    tt.quantize_kernel, tt._check_device = recorder, _ = Recorder(kernel), lambda *args: None  # CPU tensors
+    tt.quantize_kernel = recorder = Recorder(kernel)
+    tt._check_device = lambda *args: None  # CPU tensors stand in for CUDA ones
     x = torch.zeros(16384, 128, dtype=torch.float16)
     try:
         if into:

@@ -9,6 +9,8 @@ shape), so for ``L = (L0, L1, L2)``
     slots[i] = -1                           writes nothing (a padding token, as vLLM's slot mapping)
 
 and every written field is bit for bit what ``quantize(x, params)`` would have returned for that vector.
+The cache's fields must have the spec's dtypes, keep each packed row's bytes contiguous and lie apart
+from one another in memory (an expanded view or two fields sharing memory are refused).
 With ``validate=True`` every slot must be in ``-1..size(L) - 1`` and the non-negative ones distinct (one
 host synchronization), checked before anything is written. Unchecked (``validate=False``), a slot out of
 range writes nothing, and for repeated slots which vector lands (field by field) is unspecified.
@@ -38,26 +40,44 @@ def check_cache_shape(shape: tuple[int, ...]) -> None:
 
 def check_cache(cache: object, params: QuantParams, array_type: type, type_name: str, describe) -> list[tuple[str, Any]]:
     """``cache`` is a `Compressed` for ``params`` (`checks.check_code`) with 1 to `MAX_CACHE_DIMS` leading dims
-    whose payload fields are ``array_type`` arrays passing `check_cache_field` (``describe(a)`` gives an
-    array's dtype name and strides); returns the ``(field, array)`` pairs present, for the tier's own checks."""
+    whose payload fields are ``array_type`` arrays passing `check_cache_field`, in memory apart from one
+    another (``describe(a)`` gives an array's dtype name, strides and `byte_span`); returns the
+    ``(field, array)`` pairs present, for the tier's own checks."""
     checks.check_code("cache", cache, params)
     check_cache_shape(cache.shape)
     fields = [(f, getattr(cache, f)) for f in PAYLOAD_FIELDS if getattr(cache, f) is not None]
+    spans = []
     for field, a in fields:
         if not isinstance(a, array_type):
             raise TypeError(f"cache.{field}: expected a {type_name}, got {type(a).__name__}")
-        dtype, strides = describe(a)
+        dtype, strides, span = describe(a)
         expected = "uint8" if field in ("codes", "qjl_signs") else params.spec.norm_dtype.value
         check_cache_field(field, dtype, expected, tuple(a.shape), tuple(strides))
+        spans.append((*span, field))
+    spans = sorted(span for span in spans if span[1] > span[0])
+    for (_, end, first), (start, _, second) in zip(spans[:-1], spans[1:]):
+        if start < end:
+            raise ValueError(f"cache.{second}: expected memory apart from cache.{first}'s, got the two overlapping")
     return fields
 
 
+def byte_span(address: int, shape: tuple[int, ...], byte_strides: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """``(first, end)``: the range of addresses an array's elements occupy (empty for no elements)."""
+    if math.prod(shape) == 0:
+        return address, address
+    first = address + sum(min(0, (n - 1) * st) for n, st in zip(shape, byte_strides))
+    return first, address + sum(max(0, (n - 1) * st) for n, st in zip(shape, byte_strides)) + itemsize
+
+
 def check_cache_field(field: str, dtype: str, expected: str, shape: tuple[int, ...], strides: tuple[int, ...]) -> None:
-    """A cache field has the spec's dtype (a write never casts), one element per entry (no expanded,
-    stride-0 dim of size > 1, whose entries would share memory) and, for the packed uint8 fields, each
-    entry's bytes contiguous (``strides`` in elements or, for NumPy, bytes: the same for uint8)."""
+    """A cache field has the spec's dtype (a write never casts) and, unless empty, one element per entry (no
+    expanded, stride-0 dim of size > 1, whose entries would share memory; other self-overlapping views are
+    not detected) and, for the packed uint8 fields, each entry's bytes contiguous (``strides`` in elements
+    or, for NumPy, bytes: the same for uint8)."""
     if dtype != expected:
         raise TypeError(f"cache.{field}: expected dtype {expected}, got {dtype}")
+    if math.prod(shape) == 0:
+        return
     if any(size > 1 and stride == 0 for size, stride in zip(shape, strides)):
         raise ValueError(
             f"cache.{field}: expected one element per cache entry, got an expanded view (shape {tuple(shape)}, "

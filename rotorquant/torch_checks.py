@@ -63,7 +63,12 @@ def as_slots(slots: object, lead: tuple[int, ...], device: torch.device) -> torc
     t = torch.as_tensor(slots, device=device)
     cache_slots.check_slots_integer(_is_integer(t.dtype), dtype_name(t.dtype))
     cache_slots.check_slots_shape(tuple(t.shape), lead)
-    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)
+    if t.dtype in (torch.int32, torch.int64):
+        return t
+    wide = t.to(torch.int64)
+    if t.dtype == torch.uint64:  # values past int64 wrapped negative: make them out of range instead (never -1)
+        wide = torch.where(wide < 0, torch.iinfo(torch.int64).max, wide)
+    return wide
 
 
 def check_cache(cache: object, params: QuantParams, device: torch.device) -> None:
@@ -73,5 +78,7 @@ def check_cache(cache: object, params: QuantParams, device: torch.device) -> Non
             raise ValueError(f"cache.{field}: expected device {device} (as x), got {t.device}")
 
 
-def _dtype_and_strides(t: torch.Tensor) -> tuple[str, tuple[int, ...]]:
-    return dtype_name(t.dtype), t.stride()
+def _dtype_and_strides(t: torch.Tensor) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    size = t.element_size()
+    span = cache_slots.byte_span(t.data_ptr(), tuple(t.shape), tuple(st * size for st in t.stride()), size)
+    return dtype_name(t.dtype), t.stride(), span

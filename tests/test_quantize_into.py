@@ -61,11 +61,11 @@ def _permuted(code: rq.Compressed, axes: tuple[int, ...]) -> rq.Compressed:
     return dataclasses.replace(code, **{f: view(getattr(code, f)) for f in FIELDS if getattr(code, f) is not None})
 
 
-def _cache(tier: Tier, params: rq.QuantParams, layout: str, seed: int = 0) -> rq.Compressed:
-    """A cache of junk entries in ``layout``, in the tier, recording float32 inputs."""
+def _cache(tier: Tier, params: rq.QuantParams, layout: str, seed: int = 0, dtype: str = "float32") -> rq.Compressed:
+    """A cache of junk entries in ``layout``, in the tier, recording ``dtype`` inputs."""
     storage, axes = LAYOUTS[layout]
     junk = ref.quantize(np.random.default_rng(seed).standard_normal((*storage, params.spec.dim)), params)
-    return _permuted(tier.code(junk, "float32"), axes)
+    return _permuted(tier.code(junk, dtype), axes)
 
 
 def _copy(code: rq.Compressed) -> rq.Compressed:
@@ -105,14 +105,32 @@ def test_writes_what_quantize_returns_and_nothing_else(tier, kw, layout, validat
     assert _same(cache, _expected(before, tier.module.quantize(x, params), SLOTS))
 
 
+@pytest.mark.parametrize("validate", [True, False])
+def test_input_dtypes(tier, validate):
+    """Every input dtype of the tier, into float16 norms: the vector of norm 1 + 2**-11 + 2**-40 rounds to
+    float16 differently in one step from float64 (1.0009765625) and through float32 (1.0), as `quantize`
+    stores it here."""
+    params = _params(dict(dim=32, bits=3, qjl=True, norm_dtype="float16"))
+    x64 = np.random.default_rng(11).standard_normal((6, 32))
+    x64[0] = np.eye(32)[0] * (1 + 2**-11 + 2**-40)
+    slots = np.array([4, 17, -1, 0, 29, 11])
+    for dtype in tier.dtypes:
+        x = tier.array(x64, dtype)
+        cache = _cache(tier, params, "vllm-pages", dtype=dtype)
+        before = _copy(cache)
+        tier.module.quantize_into(x, params, cache, _on(tier, slots), validate=validate)
+        assert _same(cache, _expected(before, tier.module.quantize(x, params), slots)), dtype
+
+
+@pytest.mark.parametrize("validate", [True, False])
 @pytest.mark.parametrize("dtype", ["int32", "int64", "uint8"])
-def test_slot_dtypes(tier, dtype):
+def test_slot_dtypes(tier, dtype, validate):
     params = _params(dict(dim=32, bits=3))
     cache = _cache(tier, params, "head-major")
     before = _copy(cache)
     slots = np.array([3, 0, 29], dtype=dtype)
     x = _x(tier, (3, 32), 2)
-    tier.module.quantize_into(x, params, cache, _on(tier, slots), validate=False)
+    tier.module.quantize_into(x, params, cache, _on(tier, slots), validate=validate)
     assert _same(cache, _expected(before, tier.module.quantize(x, params), slots))
 
 
@@ -137,6 +155,42 @@ def test_slots_out_of_range(tier):
 def _row(code: rq.Compressed, i: int) -> rq.Compressed:
     """Entry ``i`` of ``code``'s first leading dim, copied to NumPy."""
     return _copy(dataclasses.replace(code, **{f: getattr(code, f)[i] for f in FIELDS if getattr(code, f) is not None}))
+
+
+def test_uint64_slots_past_int64_stay_out_of_range(tier):
+    """2**64 - 1 must not wrap to -1 (skip): refused when checked, written nowhere unchecked."""
+    params = _params(dict(dim=32, bits=3))
+    slots = np.array([2**64 - 1, 3], dtype=np.uint64)
+    x = _x(tier, (2, 32), 12)
+    cache = _cache(tier, params, "flat")
+    before = _copy(cache)
+    with pytest.raises(ValueError, match=r"^slots: expected values in -1\.\.29 \(-1: skip\), got values in 3\.\.9223372036854775807"):
+        tier.module.quantize_into(x, params, cache, _on(tier, slots))
+    tier.module.quantize_into(x, params, cache, _on(tier, slots), validate=False)
+    assert _same(cache, _expected(before, tier.module.quantize(x, params), np.array([-1, 3])))
+
+
+def test_fields_sharing_memory_are_refused(tier):
+    params = _params(dict(dim=32, bits=3, qjl=True))
+    cache = _cache(tier, params, "head-major")
+    shared = dataclasses.replace(cache, residual_norms=cache.norms)
+    before = _copy(cache)
+    for validate in (True, False):
+        with pytest.raises(ValueError, match="^cache.residual_norms: expected memory apart from cache.norms's, got the two overlapping"):
+            tier.module.quantize_into(_x(tier, (1, 32), 13), params, shared, _on(tier, np.array([0])), validate=validate)
+    assert _same(cache, before)
+
+
+def test_empty_cache(tier):
+    """A cache with no entries: only -1 slots pass the checks; unchecked, nothing is written anywhere."""
+    params = _params(dict(dim=32, bits=3))
+    empty = tier.code(ref.quantize(np.zeros((2, 0, 5, 32)), params), "float32")
+    x = _x(tier, (2, 32), 14)
+    tier.module.quantize_into(x, params, empty, _on(tier, np.array([-1, -1])))
+    with pytest.raises(ValueError, match=r"^slots: expected values in -1\.\.-1"):
+        tier.module.quantize_into(x, params, empty, _on(tier, np.array([-1, 0])))
+    tier.module.quantize_into(x, params, empty, _on(tier, np.array([0, 7])), validate=False)
+    assert code_to_numpy(empty).norms.size == 0
 
 
 def test_repeated_slots_are_refused(tier):

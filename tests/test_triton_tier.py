@@ -594,6 +594,8 @@ drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
 drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
 drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
 drive(torch.float16, dim=64, bits=5, qjl=True, qjl_dim=32)
+tt._INT32_ENTRIES = 0  # quantize_into's int64 unravel, for caches past 2**31 entries
+drive(torch.float32, dim=128, bits=3, qjl=True)
 variants = {repr((r.fn.__name__, launch)): (r.fn, launch) for r in recorders for launch in r.launches}
 for fn, launch in variants.values():
     k = compile_for_sm90(fn, launch)

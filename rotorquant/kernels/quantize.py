@@ -84,6 +84,16 @@ def exact_sqrt(
 
 
 @triton.jit
+def _as_stored(
+    t,  # CDT values
+    ptr,  # where they go: CDT (plain quantize) or the cache's norm dtype (SLOTS)
+):
+    """``t`` in ``ptr``'s element type, rounded as the host rounds the plain outputs (torch casts float64 to
+    float16 through float32, so this does too)."""
+    return t.to(tl.float32).to(ptr.dtype.element_ty) if t.dtype != ptr.dtype.element_ty else t
+
+
+@triton.jit
 def _entry(
     slot,  # (ROWS,) int64 flat entry indices in 0 .. entries - 1
     size1: tl.constexpr,  # L1
@@ -221,9 +231,9 @@ def quantize_kernel(
         stored = s / exact_sqrt(cent_sq)
     if NORM_MAX > 0:  # unchecked calls: Inf, where a cast to the norm dtype would round down to its max
         stored = tl.where(stored > NORM_MAX, float("inf"), stored)
-    tl.store(norms_ptr + norm_at, stored.to(norms_ptr.dtype.element_ty), mask=put)
+    tl.store(norms_ptr + norm_at, _as_stored(stored, norms_ptr), mask=put)
     if QJL:
         bits = tl.where((sketch * s[:, None] >= 0) & (mcols < m)[None, :], 1, 0)
         store_codes(signs_ptr + sign_at, put, bits, 0, sign_bytes, 1, BLOCK_N, BLOCK_M)
         res_norm = s * exact_sqrt(res_sq)
-        tl.store(res_norms_ptr + res_at, res_norm.to(res_norms_ptr.dtype.element_ty), mask=put)
+        tl.store(res_norms_ptr + res_at, _as_stored(res_norm, res_norms_ptr), mask=put)

@@ -87,12 +87,14 @@ def quantize_into(x: np.ndarray, params: QuantParams, cache: Compressed, slots, 
     """
     checks.check_params(params)
     validate = checks.check_bool("validate", validate)
-    _check_cache(cache, params)
     x64 = _as_vectors("x", x, params.spec.dim, finite=False)
+    _check_cache(cache, params)
     cache_slots.check_x_dtype(x.dtype.name, cache.dtype)
     index = np.asarray(slots)
     cache_slots.check_slots_integer(index.dtype.kind in "iu", str(index.dtype))
     cache_slots.check_slots_shape(index.shape, x64.shape[:-1])
+    if index.dtype == np.uint64:  # values past int64 would wrap negative (to -1: skip); keep them out of range
+        index = np.minimum(index, np.uint64(np.iinfo(np.int64).max))
     index = index.astype(np.int64)
     if validate:
         cache_slots.check_slot_values(index.reshape(-1), cache_slots.size(cache.shape))
@@ -109,9 +111,10 @@ def _check_cache(cache: object, params: QuantParams) -> None:
             raise ValueError(f"cache.{field}: expected a writable array, got a read-only one")
 
 
-def _dtype_and_strides(a: np.ndarray) -> tuple[str, tuple[int, ...]]:
-    """An array's dtype name and strides (in bytes: element strides for the uint8 fields)."""
-    return a.dtype.name, a.strides
+def _dtype_and_strides(a: np.ndarray) -> tuple[str, tuple[int, ...], tuple[int, int]]:
+    """An array's dtype name, strides (in bytes: element strides for the uint8 fields) and byte span."""
+    span = cache_slots.byte_span(a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize)
+    return a.dtype.name, a.strides, span
 
 
 def _quantize(x64: np.ndarray, params: QuantParams, dtype: str, validate: bool) -> Compressed:

@@ -391,6 +391,8 @@ def quantize_into(x: torch.Tensor, params: QuantParams, cache: Compressed, slots
         cache_slots.check_slot_values(index, cache_slots.size(cache.shape))
         cache_slots.write(cache, quantize(x, params), index)
         return
+    if cache_slots.size(cache.shape) == 0:  # every slot out of range: nothing to write
+        return
     rows = x.reshape(-1, params.spec.dim)
     if rows.shape[0] and rows.stride(-1) != 1:
         rows = rows.contiguous()
