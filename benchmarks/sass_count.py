@@ -110,14 +110,16 @@ def record_attention(bits: int) -> Launch:
     )
     q = torch.zeros(8, 32, 1, 128, dtype=torch.float16)
     lens = torch.full((8,), CONTEXT, dtype=torch.int32)
-    split, combine, sms = tt.attention_split_kernel, tt.attention_combine_kernel, tt._multiprocessors
-    recorder = Recorder(split)
-    tt.attention_split_kernel, tt.attention_combine_kernel = recorder, Recorder(combine)
+    query, split, combine = tt.attention_query_kernel, tt.attention_split_kernel, tt.attention_combine_kernel
+    sms, recorder = tt._multiprocessors, Recorder(split)
+    tt.attention_query_kernel, tt.attention_split_kernel = Recorder(query), recorder
+    tt.attention_combine_kernel = Recorder(combine)
     tt._multiprocessors = lambda device: 132  # an H100/H200
     try:
         tt._attention_launch(q, code, code, params, params, scale=None, lens=lens)
     finally:
-        tt.attention_split_kernel, tt.attention_combine_kernel, tt._multiprocessors = split, combine, sms
+        tt.attention_query_kernel, tt.attention_split_kernel, tt.attention_combine_kernel = query, split, combine
+        tt._multiprocessors = sms
     return recorder.launches[0]
 
 

@@ -567,7 +567,8 @@ import rotorquant as rq
 from rotorquant.tiers import triton as tt
 
 tt._check_device = lambda *a: None  # CPU tensors stand in for CUDA ones; nothing runs
-names = ("quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_split_kernel", "attention_combine_kernel")
+names = ("quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_query_kernel", "attention_split_kernel",
+         "attention_combine_kernel")
 recorders = [Recorder(getattr(tt, name)) for name in names]
 for name, recorder in zip(names, recorders):
     setattr(tt, name, recorder)
@@ -586,8 +587,9 @@ def drive(dtype, causal=False, paged=False, **kw):
     cache = rq.Compressed(spec=spec, dtype=code.dtype, **{k: None if v is None else v.reshape(2, 2, 16, *v.shape[1:]) for k, v in f.items()})
     tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, causal=causal)
     tt.quantize_into(torch.zeros(2, 2, spec.dim, dtype=dtype), p, cache, torch.tensor([[0, 5], [-1, 63]]), validate=False)
-    if paged:  # the cache as 2 blocks of 16 keys, each sequence reading both
-        tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, block_table=torch.tensor([[1, 0], [0, 1]]))
+    if paged:  # the cache as 2 blocks of 16 keys, each sequence reading both (int64 table and lengths)
+        tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, block_table=torch.tensor([[1, 0], [0, 1]]),
+                     lengths=torch.tensor([32, 5]))  # fmt: skip
 
 drive(torch.float16, dim=128, bits=3, causal=True, paged=True)
 drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
@@ -621,7 +623,8 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     lines = done.stdout.split("\n")
     shared = [int(line.split()[-1]) for line in lines if " shared " in line]
     kernels = {line.split()[0] for line in lines if " shared " in line}
-    assert kernels == {"quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_split_kernel", "attention_combine_kernel"}
+    assert kernels == {"quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_query_kernel", "attention_split_kernel",
+                       "attention_combine_kernel"}
     assert len(shared) >= 15 and max(shared) <= 227 * 1024, done.stdout
 
 

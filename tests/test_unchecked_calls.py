@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rotorquant as rq
 from rotorquant.tiers import numpy as ref
@@ -256,6 +257,66 @@ def test_unchecked_attention_reads_nothing_back(tier):
 
 
 TRITON = [t for t in TIERS if t.name == "triton"]
+# torch operators that launch no GPU kernel: views and allocations
+_NO_KERNEL = {"view.default", "_reshape_alias.default", "alias.default", "empty.memory_format"}
+
+
+class _Dispatched(TorchDispatchMode):
+    """Records the name of every torch operator dispatched inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def launches_only(module, names: tuple[str, ...]):
+    """Inside the block the kernels ``names`` of ``module`` record their launches into the yielded list as
+    ``(name, launch)`` instead of running (``launch()`` runs one later), no tensor value is read on the
+    host, and the test fails if any torch operator other than a view or an allocation is dispatched."""
+    launches = []
+
+    def recorder(name, kernel):
+        class Recorder:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((name, lambda: kernel[grid](*args, **kwargs)))
+
+        return Recorder()
+
+    dispatched = _Dispatched()
+    with pytest.MonkeyPatch.context() as patch:
+        for name in names:
+            patch.setattr(module, name, recorder(name, getattr(module, name)))
+        with no_host_reads(), dispatched:
+            yield launches
+    assert set(dispatched.ops) <= _NO_KERNEL, dispatched.ops
+
+
+@pytest.mark.parametrize("tier", TRITON, ids=lambda t: t.name)
+@pytest.mark.parametrize("paged", [False, True])
+def test_unchecked_triton_attention_is_three_launches(tier, paged):
+    """With int32 lengths and (paged) an int64 block table on the device, the unchecked call launches the
+    query, split and combine kernels and nothing else; run afterwards, they give the checked result."""
+    tt = tier.module
+    k_code, v_code, kp, vp = _cache(tier, 2, 5)
+    q = _array(tier, _vectors((2, 4, 3, 32), 14))
+    lengths = _lengths(tier, [5, 4])
+    table = {"block_table": torch.tensor([[1], [0]], device=tier.device)} if paged else {}
+    if paged:  # sequence b's keys in block 1 - b
+        k_code, v_code = (dataclasses.replace(c, **{f: getattr(c, f).flip(0) for f in FIELDS if getattr(c, f) is not None})
+                          for c in (k_code, v_code))  # fmt: skip
+    want = tt.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=True, **table)
+    kernels = ("attention_query_kernel", "attention_split_kernel", "attention_combine_kernel")
+    with launches_only(tt, kernels) as launches:
+        got = tt.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=True, validate=False, **table)
+    assert tuple(name for name, _ in launches) == kernels
+    for _, launch in launches:
+        launch()
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("tier", TRITON, ids=lambda t: t.name)

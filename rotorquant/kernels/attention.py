@@ -1,5 +1,9 @@
 """Split-K (flash-decoding) attention over a compressed K/V cache.
 
+Pass 0, `attention_query_kernel`: each query row is rotated into K's domain and pre-scaled, by one
+product with a table the host scales once per (spec, scale): ``q' = q @ (f R_K^T)`` and, with K's QJL,
+``(S q)' = q @ (f sqrt(pi/2)/m_K S_K^T)``, ``f = scale * log2(e)``.
+
 Pass 1, `attention_split_kernel`: program ``(bh, split, row block)`` walks the keys of one
 split in blocks of ``BLOCK_N`` with an online softmax in base 2. Queries arrive rotated and
 pre-scaled, ``q' = scale * log2(e) * Rot_K(q)`` (plus the QJL sketch ``scale * log2(e) *
@@ -43,6 +47,56 @@ def _unit_rows(
 
 
 @triton.jit
+def load_length(
+    ptr,  # pointer to one sequence's length, int32 or int64
+    N,  # cache length (keys per head)
+):
+    """The length as int32, clamped to ``-1..N + 1``: a value out of ``0..N`` stays out of it (an int64
+    past int32 would otherwise wrap into range)."""
+    return tl.minimum(tl.maximum(tl.load(ptr), -1), N + 1).to(tl.int32)
+
+
+@triton.jit
+def attention_query_kernel(
+    q_ptr,  # (B, Hq, T, dk) queries, any float dtype, unit stride along dk
+    q_sb, q_sh, q_st,  # element strides of q's batch, head and query axes
+    rot_ptr,  # (BLOCK_DK, BLOCK_DK) CDT f R_K^T, zero-padded
+    sk_ptr,  # K QJL: (BLOCK_DK, BLOCK_MK) CDT f sqrt(pi/2)/m_K S_K^T, zero-padded
+    qrot_ptr,  # (BH, R, BLOCK_DK) CDT output: pre-scaled rotated queries, zero past dk
+    qsk_ptr,  # K QJL: (BH, R, BLOCK_MK) CDT output: pre-scaled query sketches, zero past mk
+    kv_heads,  # KV heads (bh // kv_heads is the batch index)
+    R,  # query rows per KV head: group * q_len (row g * q_len + t is query t of the group's head g)
+    q_len,  # queries per sequence
+    dk: tl.constexpr,  # key dimension
+    K_QJL: tl.constexpr,  # keys carry a QJL sketch
+    CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 queries, else tl.float32
+    DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
+    BLOCK_Q: tl.constexpr,  # query rows per program (>= 16)
+    BLOCK_DK: tl.constexpr,  # power of two >= max(dk, 16)
+    BLOCK_MK: tl.constexpr,  # power of two >= max(mk, 16)
+    BLOCK_C: tl.constexpr,  # output columns per product: power of two, 16 <= BLOCK_C <= BLOCK_DK and BLOCK_MK
+):
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // kv_heads, bh % kv_heads
+    rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    row_ok = rows < R
+    head = h * (R // q_len) + rows // q_len
+    src = q_ptr + b * q_sb + head.to(tl.int64) * q_sh + (rows % q_len).to(tl.int64) * q_st
+    cols = tl.arange(0, BLOCK_DK)
+    q = tl.load(src[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < dk)[None, :], other=0.0).to(CDT)
+    out = (bh * R + rows)[:, None]
+    for c0 in tl.static_range(0, BLOCK_DK, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        part = tl.dot(q, tl.load(rot_ptr + cols[:, None] * BLOCK_DK + cc[None, :]), input_precision=DOT_PRECISION)
+        tl.store(qrot_ptr + out * BLOCK_DK + cc[None, :], part, mask=row_ok[:, None])
+    if K_QJL:
+        for c0 in tl.static_range(0, BLOCK_MK, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            part = tl.dot(q, tl.load(sk_ptr + cols[:, None] * BLOCK_MK + cc[None, :]), input_precision=DOT_PRECISION)
+            tl.store(qsk_ptr + out * BLOCK_MK + cc[None, :], part, mask=row_ok[:, None])
+
+
+@triton.jit
 def attention_split_kernel(
     qrot_ptr,  # (BH, R, BLOCK_DK) CDT pre-scaled rotated queries, zero-padded
     qsk_ptr,  # K QJL: (BH, R, BLOCK_MK) CDT pre-scaled query sketches, zero-padded
@@ -68,8 +122,8 @@ def attention_split_kernel(
     vn_sb, vn_sh, vn_sn,  # strides of v_norms (elements)
     vs_sb, vs_sh, vs_sn,  # strides of v_signs (bytes)
     vr_sb, vr_sh, vr_sn,  # strides of v_res (elements)
-    lengths_ptr,  # (batch,) int32 keys to attend to per sequence
-    table_ptr,  # paged: (batch, max_blocks) int32 block table, row stride table_stride, unit column stride
+    lengths_ptr,  # (batch,) int32 or int64 keys to attend to per sequence (any value: see load_length)
+    table_ptr,  # paged: (batch, max_blocks) int32 or int64 block table, row stride table_stride, unit column stride
     table_stride,  # paged: elements between the block table's rows
     num_blocks,  # paged: blocks in the cache; an id outside 0..num_blocks - 1 makes the sequence NaN
     mx_ptr,  # (BH, SPLITS, R) CDT output: running max (base 2), -inf for an empty split
@@ -113,7 +167,7 @@ def attention_split_kernel(
     split = tl.program_id(1)
     rows = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < R
-    length = tl.load(lengths_ptr + b)
+    length = load_length(lengths_ptr + b, N)
     start = split * split_len
     end = tl.minimum(tl.minimum(start + split_len, length), N)  # an unchecked length > N reads no further
     visible = length - (q_len - 1 - rows % q_len)  # (BLOCK_Q,) keys each row sees with CAUSAL
@@ -227,7 +281,7 @@ def attention_combine_kernel(
     rot_ptr,  # (BLOCK_DV, BLOCK_DV) CDT V's rotation matrix R_V zero-padded (x = y @ R_V)
     smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT sqrt(pi/2) / mv * S_V zero-padded (scaled on the host)
     out_ptr,  # (BH, R, dv) output in the query dtype (float32 for bfloat16 queries)
-    lengths_ptr,  # (batch,) int32 keys attended to per sequence
+    lengths_ptr,  # (batch,) int32 or int64 keys attended to per sequence (any value: see load_length)
     kv_heads,  # KV heads (bh // kv_heads is the batch index)
     N,  # cache length (keys per head)
     least,  # smallest valid length: 1, or q_len with causal masking
@@ -263,7 +317,7 @@ def attention_combine_kernel(
             yq += w[:, None] * accq
     denom = tl.where(row_ok, denom, 1.0)
     # a length out of least..N (possible only with validate=False) makes every row of the sequence NaN
-    length = tl.load(lengths_ptr + bh // kv_heads)
+    length = load_length(lengths_ptr + bh // kv_heads, N)
     denom = tl.where((length >= least) & (length <= N), denom, float("nan"))
     y = y / denom[:, None]
     yq = yq / denom[:, None]

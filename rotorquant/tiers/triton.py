@@ -11,7 +11,7 @@ function               kernels
 `quantize_into`        `quantize_kernel` writing into a cache at slots (unchecked calls)
 `dequantize`           `dequantize_kernel`: unpack, centroids, inverse rotation, scale
 `scores`               `scores_kernel` on queries rotated once: ``s * Rot(q) . c[k]``
-`attention`            `attention_split_kernel` + `attention_combine_kernel`
+`attention`            `attention_query_kernel` + `attention_split_kernel` + `attention_combine_kernel`
 =====================  ==============================================================
 
 Arithmetic inside the kernels is float32, float64 for float64 inputs (half-precision queries
@@ -39,7 +39,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
 
 from .. import cache_slots, checks, paging
 from ..compressed import Compressed
-from ..kernels.attention import attention_combine_kernel, attention_split_kernel
+from ..kernels.attention import attention_combine_kernel, attention_query_kernel, attention_split_kernel
 from ..kernels.dequantize import dequantize_kernel
 from ..kernels.quantize import quantize_kernel
 from ..kernels.scores import scores_kernel
@@ -490,19 +490,25 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
 
 
 def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, least: int, validate: bool) -> torch.Tensor:
-    """``lengths`` as int32 on ``device`` (all ``kv_len`` when None); with ``validate``, each in
-    ``least..kv_len`` (one host synchronization)."""
+    """``lengths`` as an int32 or int64 tensor on ``device``, as given when it is one (all ``kv_len`` when
+    None; other integer dtypes as int64): the kernels clamp each value as they load it (`load_length`), so
+    none wraps into range. With ``validate``, each in ``least..kv_len`` (one host synchronization)."""
     if lengths is None:
         return torch.full((batch,), kv_len, dtype=torch.int32, device=device)
-    t = torch.as_tensor(lengths)
+    t = torch.as_tensor(lengths, device=device)
     check_lengths_dtype(t)
-    t = t.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
+    t = _wide_index(t)
     checks.check_lengths_shape(tuple(t.shape), batch)
     if validate and t.numel():
         lo, hi = torch.aminmax(t)
         checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
-    # unchecked lengths past int32 must not wrap into range: any value outside 0..kv_len + 1 is as bad as these
-    return t.to(device=device, dtype=torch.int64).clamp(-1, kv_len + 1).to(torch.int32)
+    return t.contiguous()
+
+
+def _wide_index(t: torch.Tensor) -> torch.Tensor:
+    """An integer tensor as the kernels read it: int32 and int64 as they are, others as int64 (unsigned
+    dtypes past uint8 also lack comparisons in torch; uint64 past int64 wraps negative, still out of range)."""
+    return t if t.dtype in (torch.int32, torch.int64) else t.to(torch.int64)
 
 
 @functools.lru_cache(maxsize=16)
@@ -586,7 +592,7 @@ def _attention(
     if block_table is not None:
         table = torch.as_tensor(block_table, device=q.device)
         check_block_table_dtype(table)
-        table = table.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
+        table = _wide_index(table)
         k_shape = v_shape = paging.logical_shape(k_code, v_code, tuple(table.shape), q.shape[0])
     checks.check_attention_shapes(tuple(q.shape), k_shape, v_shape)
     _check_code_tensors("k_code", k_code, q.device)
@@ -606,13 +612,13 @@ def _attention(
 
 
 def _block_table(table: torch.Tensor, lens: torch.Tensor, paged_shape: tuple[int, ...], validate: bool) -> torch.Tensor:
-    """``table`` as contiguous int32 for the kernel; with ``validate``, every id where keys below ``lens``
-    lie is checked (one host synchronization). Ids outside int32 become -1 or ``num_blocks`` (still out of
-    range), never wrapped into range."""
+    """``table`` (int32 or int64) with a unit column stride for the kernel, which checks each id it reads;
+    with ``validate``, every id where keys below ``lens`` lie is checked here first (one host
+    synchronization)."""
     blocks, _, page = paged_shape
     if validate:
         paging.check_ids(table, torch.arange(table.shape[1], device=table.device) * page, lens, blocks)
-    return table.to(torch.int64).clamp(-1, blocks).to(torch.int32).contiguous()
+    return table if table.stride(1) == 1 or table.shape[1] == 1 else table.contiguous()
 
 
 def _payload(code: Compressed) -> tuple[torch.Tensor, ...]:
@@ -626,6 +632,43 @@ def _payload(code: Compressed) -> tuple[torch.Tensor, ...]:
         signs = signs if signs.stride(-1) == 1 or signs.shape[-1] == 1 else signs.contiguous()
         return codes, code.norms, signs, code.residual_norms
     return codes, code.norms, codes, code.norms
+
+
+@functools.lru_cache(maxsize=64)
+def _query_maps(params: QuantParams, device: torch.device, dtype: torch.dtype, factor: float) -> tuple:
+    """``(f R^T, f sqrt(pi/2)/m S^T or None)`` zero-padded to ``(block_d, block_d)`` and ``(block_d, block_m)``,
+    scaled in float64 then converted (``factor`` = f is the same on every call of an engine, so this is
+    built once)."""
+    spec = params.spec
+    bd, bm = _pow2(spec.dim), _pow2(spec.qjl_dim)
+    rot = torch.tensor(params.rotation_matrix(), dtype=torch.float64)
+    sketch = None
+    if spec.qjl:
+        s = torch.tensor(params.qjl_matrix, dtype=torch.float64)
+        sketch = _padded(s.T * (factor * _SQRT_HALF_PI / spec.qjl_dim), (bd, bm), device, dtype)
+    return _padded(rot.T * factor, (bd, bd), device, dtype), sketch
+
+
+def _rotated_queries(q: torch.Tensor, k_params: QuantParams, kv_heads: int, block_q: int, factor: float) -> tuple:
+    """``(q_rot, q_sk)``: the queries ``(B, Hq, T, d)`` rotated into K's domain and pre-scaled by ``factor``,
+    ``(B * Hkv, Hq / Hkv * T, block_d)`` (and their K QJL sketches, else ``q_rot`` again), by one launch of
+    `attention_query_kernel`."""
+    spec = k_params.spec
+    compute = compute_dtype(q.dtype)
+    rot, sketch = _query_maps(k_params, q.device, compute, factor)
+    bd, bm = rot.shape[0], _pow2(spec.qjl_dim)
+    batch, q_heads, q_len = q.shape[:3]
+    rows = q_heads // kv_heads * q_len
+    q_rot = torch.empty((batch * kv_heads, rows, bd), dtype=compute, device=q.device)
+    q_sk = torch.empty((batch * kv_heads, rows, bm), dtype=compute, device=q.device) if spec.qjl else q_rot
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    attention_query_kernel[(batch * kv_heads, triton.cdiv(rows, block_q))](
+        q, *q.stride()[:3], rot, rot if sketch is None else sketch, q_rot, q_sk, kv_heads, rows, q_len,
+        dk=spec.dim, K_QJL=spec.qjl, **_kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DK=bd, BLOCK_MK=bm,
+        BLOCK_C=16 if INTERPRETING else min(bd, bm, max(16, 8192 // bd)), num_warps=4, **_FUSED,
+    )  # fmt: skip
+    return q_rot, q_sk
 
 
 def _attention_launch(
@@ -647,9 +690,6 @@ def _attention_launch(
     compute = compute_dtype(q.dtype)
     tk, tv = _tables(k_params, q.device, compute), _tables(v_params, q.device, compute)
     factor = (1.0 / math.sqrt(kspec.dim) if scale is None else float(scale)) * _LOG2E
-    qf = q.to(compute).reshape(bh, rows, kspec.dim)
-    q_rot = (qf @ tk.rot_t * factor).contiguous()
-    q_sk = (qf @ tk.sketch_t * (factor * _SQRT_HALF_PI / kspec.qjl_dim)).contiguous() if kspec.qjl else q_rot
     out = torch.empty((bh, rows, vspec.dim), dtype=_store_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out.to(q.dtype).reshape(batch, q.shape[1], q_len, vspec.dim)
@@ -662,6 +702,7 @@ def _attention_launch(
         block_n //= 2
     block_n = 16 if INTERPRETING or compute == torch.float64 else max(16, block_n)
     row_blocks = triton.cdiv(rows, block_q)
+    q_rot, q_sk = _rotated_queries(q, k_params, kv_heads, block_q, factor)
     if splits is None:
         splits, split_len = _split_plan(bh * row_blocks, kv_len, block_n, q.device, launch.programs_per_sm)
     else:
