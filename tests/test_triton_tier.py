@@ -559,10 +559,12 @@ def test_gpu_speed_tables_run_on_the_interpreter(monkeypatch, capsys):
 # ---------------------------------------------------------------------------- real-GPU compilation
 
 _AOT_SCRIPT = r"""
+import re
 import sys
 import torch
 sys.path.insert(0, "benchmarks")
 from sass_count import Recorder, compile_for_sm90
+from triton.tools.disasm import get_sass
 import rotorquant as rq
 from rotorquant.tiers import triton as tt
 
@@ -573,7 +575,7 @@ recorders = [Recorder(getattr(tt, name)) for name in names]
 for name, recorder in zip(names, recorders):
     setattr(tt, name, recorder)
 
-def drive(dtype, causal=False, paged=False, **kw):
+def drive(dtype, causal=False, paged=False, q_heads=8, **kw):
     p = rq.build_params(rq.QuantizerSpec(**kw))
     spec, n = p.spec, 64
     codes, norms, raw, signs, res = tt._quantize_rows(torch.zeros(n, spec.dim, dtype=dtype), p)
@@ -585,7 +587,7 @@ def drive(dtype, causal=False, paged=False, **kw):
     tt.dequantize(code, p)
     tt.scores(torch.zeros(3, spec.dim, dtype=dtype), code, p)
     cache = rq.Compressed(spec=spec, dtype=code.dtype, **{k: None if v is None else v.reshape(2, 2, 16, *v.shape[1:]) for k, v in f.items()})
-    tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, causal=causal)
+    tt.attention(torch.zeros(2, q_heads, 2, spec.dim, dtype=dtype), cache, cache, p, p, causal=causal)
     tt.quantize_into(torch.zeros(2, 2, spec.dim, dtype=dtype), p, cache, torch.tensor([[0, 5], [-1, 63]]), validate=False)
     if paged:  # the cache as 2 blocks of 16 keys, each sequence reading both (int64 table and lengths)
         tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, block_table=torch.tensor([[1, 0], [0, 1]]),
@@ -596,12 +598,14 @@ drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
 drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
 drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
 drive(torch.float16, dim=64, bits=5, qjl=True, qjl_dim=32)
+drive(torch.bfloat16, dim=256, bits=4, qjl=True, q_heads=64)  # 64 query rows per KV head
 tt._INT32_ENTRIES = 0  # quantize_into's int64 unravel, for caches past 2**31 entries
 drive(torch.float32, dim=128, bits=3, qjl=True)
 variants = {repr((r.fn.__name__, launch)): (r.fn, launch) for r in recorders for launch in r.launches}
 for fn, launch in variants.values():
     k = compile_for_sm90(fn, launch)
-    print(fn.__name__, "shared", k.metadata.shared)
+    spills = len(re.findall(r"\b(?:STL|LDL)\b", get_sass(k.asm["cubin"])))
+    print(fn.__name__, "spills", spills, "shared", k.metadata.shared)
 """
 
 
@@ -612,9 +616,10 @@ _PTXAS = os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run every kernel for real")
 def test_kernels_compile_for_a_gpu(tmp_path):
     """Every kernel variant the tier launches (float16/bfloat16/float32/float64 inputs, rotor/dense, QJL,
-    norm correction, ragged d, quantize into a cache) compiles ahead of time for an sm_90 GPU with Triton's own ptxas,
-    and fits the 227 KiB of shared memory of an H100. Catches what the interpreter cannot:
-    constexpr misuse, tl.dot shapes and dtypes, pointer types, int64 shifts."""
+    norm correction, ragged d, quantize into a cache, 64 query rows per KV head at d = 256) compiles
+    ahead of time for an sm_90 GPU with Triton's own ptxas, and fits the 227 KiB of shared memory of an
+    H100; the query rotation spills no register. Catches what the interpreter cannot: constexpr misuse,
+    tl.dot shapes and dtypes, pointer types, int64 shifts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _pythonpath()
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
@@ -626,6 +631,8 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     assert kernels == {"quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_query_kernel", "attention_split_kernel",
                        "attention_combine_kernel"}
     assert len(shared) >= 15 and max(shared) <= 227 * 1024, done.stdout
+    query = [line.split()[2] for line in lines if line.startswith("attention_query_kernel ")]
+    assert len(query) >= 5 and set(query) == {"0"}, done.stdout
 
 
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="triton's bundled ptxas is missing")

@@ -298,12 +298,13 @@ def launches_only(module, names: tuple[str, ...]):
 
 @pytest.mark.parametrize("tier", TRITON, ids=lambda t: t.name)
 @pytest.mark.parametrize("paged", [False, True])
-def test_unchecked_triton_attention_is_three_launches(tier, paged):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bfloat16: the interpreter adds a conversion
+def test_unchecked_triton_attention_is_three_launches(tier, paged, dtype):
     """With int32 lengths and (paged) an int64 block table on the device, the unchecked call launches the
     query, split and combine kernels and nothing else; run afterwards, they give the checked result."""
     tt = tier.module
     k_code, v_code, kp, vp = _cache(tier, 2, 5)
-    q = _array(tier, _vectors((2, 4, 3, 32), 14))
+    q = _array(tier, _vectors((2, 4, 3, 32), 14)).to(dtype)
     lengths = _lengths(tier, [5, 4])
     table = {"block_table": torch.tensor([[1], [0]], device=tier.device)} if paged else {}
     if paged:  # sequence b's keys in block 1 - b

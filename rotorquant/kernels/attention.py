@@ -74,26 +74,44 @@ def attention_query_kernel(
     BLOCK_Q: tl.constexpr,  # query rows per program (>= 16)
     BLOCK_DK: tl.constexpr,  # power of two >= max(dk, 16)
     BLOCK_MK: tl.constexpr,  # power of two >= max(mk, 16)
-    BLOCK_C: tl.constexpr,  # output columns per product: power of two, 16 <= BLOCK_C <= BLOCK_DK and BLOCK_MK
+    BLOCK_C: tl.constexpr,  # tile of the products (output columns, and dk per step): power of two,
+    # 16 <= BLOCK_C <= BLOCK_DK (and <= BLOCK_MK with K_QJL)
 ):
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // kv_heads, bh % kv_heads
     rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < R
     head = h * (R // q_len) + rows // q_len
-    src = q_ptr + b * q_sb + head.to(tl.int64) * q_sh + (rows % q_len).to(tl.int64) * q_st
-    cols = tl.arange(0, BLOCK_DK)
-    q = tl.load(src[:, None] + cols[None, :], mask=row_ok[:, None] & (cols < dk)[None, :], other=0.0).to(CDT)
+    src = (q_ptr + b * q_sb + head.to(tl.int64) * q_sh + (rows % q_len).to(tl.int64) * q_st)[:, None]
     out = (bh * R + rows)[:, None]
-    for c0 in tl.static_range(0, BLOCK_DK, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        part = tl.dot(q, tl.load(rot_ptr + cols[:, None] * BLOCK_DK + cc[None, :]), input_precision=DOT_PRECISION)
-        tl.store(qrot_ptr + out * BLOCK_DK + cc[None, :], part, mask=row_ok[:, None])
+    _rows_times(src, row_ok, dk, rot_ptr, BLOCK_DK, qrot_ptr + out * BLOCK_DK, CDT, DOT_PRECISION, BLOCK_Q, BLOCK_DK, BLOCK_C)
     if K_QJL:
-        for c0 in tl.static_range(0, BLOCK_MK, BLOCK_C):
-            cc = c0 + tl.arange(0, BLOCK_C)
-            part = tl.dot(q, tl.load(sk_ptr + cols[:, None] * BLOCK_MK + cc[None, :]), input_precision=DOT_PRECISION)
-            tl.store(qsk_ptr + out * BLOCK_MK + cc[None, :], part, mask=row_ok[:, None])
+        _rows_times(src, row_ok, dk, sk_ptr, BLOCK_MK, qsk_ptr + out * BLOCK_MK, CDT, DOT_PRECISION, BLOCK_Q, BLOCK_DK, BLOCK_C)
+
+
+@triton.jit
+def _rows_times(
+    src,  # (ROWS, 1) pointers to the rows' first elements (unit stride along the row)
+    row_ok,  # (ROWS,) bool: which rows exist
+    dk,  # row length; elements past it are read as 0
+    mat_ptr,  # (BLOCK_DK, COLS) CDT matrix, row-major
+    COLS: tl.constexpr,  # its columns (a multiple of BLOCK_C)
+    dst,  # (ROWS, 1) pointers to each output row's first element (unit stride)
+    CDT: tl.constexpr,  # compute dtype
+    DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots
+    ROWS: tl.constexpr,  # rows
+    BLOCK_DK: tl.constexpr,  # padded row length
+    BLOCK_C: tl.constexpr,  # tile: output columns per step, and row elements per partial product
+):
+    """``dst = rows @ mat`` tile by tile (loops, not unrolled: the registers of one tile at any size)."""
+    for c0 in range(0, COLS, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        acc = tl.zeros((ROWS, BLOCK_C), dtype=CDT)
+        for k0 in range(0, BLOCK_DK, BLOCK_C):
+            kk = k0 + tl.arange(0, BLOCK_C)
+            x = tl.load(src + kk[None, :], mask=row_ok[:, None] & (kk < dk)[None, :], other=0.0).to(CDT)
+            acc += tl.dot(x, tl.load(mat_ptr + kk[:, None] * COLS + cc[None, :]), input_precision=DOT_PRECISION)
+        tl.store(dst + cc[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit

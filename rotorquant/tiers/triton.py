@@ -116,9 +116,10 @@ def _kernel_dtypes(compute: torch.dtype) -> dict:
 
 
 def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """What a kernel writes for an output of ``dtype``: bfloat16 is rounded by torch afterwards, since
-    the interpreter's float32 -> bfloat16 cast truncates."""
-    return torch.float32 if dtype == torch.bfloat16 else dtype
+    """What a kernel writes for an output of ``dtype``: under the interpreter, whose float32 -> bfloat16
+    cast truncates, bfloat16 is written as float32 and rounded by torch afterwards (on a GPU the kernels
+    round to nearest even, as torch does)."""
+    return torch.float32 if dtype == torch.bfloat16 and INTERPRETING else dtype
 
 
 def _padded(a, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -495,14 +496,14 @@ def _lengths(lengths: object, batch: int, kv_len: int, device: torch.device, lea
     none wraps into range. With ``validate``, each in ``least..kv_len`` (one host synchronization)."""
     if lengths is None:
         return torch.full((batch,), kv_len, dtype=torch.int32, device=device)
-    t = torch.as_tensor(lengths, device=device)
+    t = torch.as_tensor(lengths)
     check_lengths_dtype(t)
     t = _wide_index(t)
     checks.check_lengths_shape(tuple(t.shape), batch)
-    if validate and t.numel():
+    if validate and t.numel():  # where the lengths are (host lengths need no GPU synchronization)
         lo, hi = torch.aminmax(t)
         checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
-    return t.contiguous()
+    return t.to(device).contiguous()
 
 
 def _wide_index(t: torch.Tensor) -> torch.Tensor:
@@ -649,7 +650,7 @@ def _query_maps(params: QuantParams, device: torch.device, dtype: torch.dtype, f
     return _padded(rot.T * factor, (bd, bd), device, dtype), sketch
 
 
-def _rotated_queries(q: torch.Tensor, k_params: QuantParams, kv_heads: int, block_q: int, factor: float) -> tuple:
+def _rotated_queries(q: torch.Tensor, k_params: QuantParams, kv_heads: int, factor: float) -> tuple:
     """``(q_rot, q_sk)``: the queries ``(B, Hq, T, d)`` rotated into K's domain and pre-scaled by ``factor``,
     ``(B * Hkv, Hq / Hkv * T, block_d)`` (and their K QJL sketches, else ``q_rot`` again), by one launch of
     `attention_query_kernel`."""
@@ -663,10 +664,11 @@ def _rotated_queries(q: torch.Tensor, k_params: QuantParams, kv_heads: int, bloc
     q_sk = torch.empty((batch * kv_heads, rows, bm), dtype=compute, device=q.device) if spec.qjl else q_rot
     if q.stride(-1) != 1:
         q = q.contiguous()
-    attention_query_kernel[(batch * kv_heads, triton.cdiv(rows, block_q))](
+    tile = 16 if INTERPRETING else min(64, bd, bm if spec.qjl else bd)  # product tile: spill-free at 8 warps
+    attention_query_kernel[(batch * kv_heads, triton.cdiv(rows, 16))](
         q, *q.stride()[:3], rot, rot if sketch is None else sketch, q_rot, q_sk, kv_heads, rows, q_len,
-        dk=spec.dim, K_QJL=spec.qjl, **_kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DK=bd, BLOCK_MK=bm,
-        BLOCK_C=16 if INTERPRETING else min(bd, bm, max(16, 8192 // bd)), num_warps=4, **_FUSED,
+        dk=spec.dim, K_QJL=spec.qjl, **_kernel_dtypes(compute), BLOCK_Q=16, BLOCK_DK=bd, BLOCK_MK=bm,
+        BLOCK_C=tile, num_warps=_WARPS, **_FUSED,
     )  # fmt: skip
     return q_rot, q_sk
 
@@ -675,9 +677,11 @@ def _attention_launch(
     q, k_code, v_code, k_params, v_params, *, scale, lens, causal=False, splits=None, block_table=None,
     launch=_AttentionLaunch(),
 ):  # fmt: skip
-    """The two kernel launches of `attention` on checked inputs (``lens``: int32 lengths on the device;
-    ``block_table``: contiguous int32 on the device, or None); no synchronization, so CUDA graphs can
-    capture it. ``launch`` overrides the configuration (benchmarks)."""
+    """The three kernel launches of `attention` on checked inputs (``lens``: int32 or int64 lengths on the
+    device; ``block_table``: int32 or int64 on the device with a unit column stride, or None); no
+    synchronization, so CUDA graphs can capture it (warm up with the same ``scale``: the query tables are
+    built, with a host-to-device copy, on a call with a new one). ``launch`` overrides the configuration
+    (benchmarks)."""
     kspec, vspec = k_params.spec, v_params.spec
     batch, kv_heads, kv_len = k_code.shape
     page = 0
@@ -702,7 +706,7 @@ def _attention_launch(
         block_n //= 2
     block_n = 16 if INTERPRETING or compute == torch.float64 else max(16, block_n)
     row_blocks = triton.cdiv(rows, block_q)
-    q_rot, q_sk = _rotated_queries(q, k_params, kv_heads, block_q, factor)
+    q_rot, q_sk = _rotated_queries(q, k_params, kv_heads, factor)
     if splits is None:
         splits, split_len = _split_plan(bh * row_blocks, kv_len, block_n, q.device, launch.programs_per_sm)
     else:
