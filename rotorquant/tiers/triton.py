@@ -664,7 +664,7 @@ def _rotated_queries(q: torch.Tensor, k_params: QuantParams, kv_heads: int, fact
     q_sk = torch.empty((batch * kv_heads, rows, bm), dtype=compute, device=q.device) if spec.qjl else q_rot
     if q.stride(-1) != 1:
         q = q.contiguous()
-    tile = 16 if INTERPRETING else min(64, bd, bm if spec.qjl else bd)  # product tile: spill-free at 8 warps
+    tile = 16 if INTERPRETING else min(64, bd, bm if spec.qjl else bd)  # product tile (few or no spills at 8 warps)
     attention_query_kernel[(batch * kv_heads, triton.cdiv(rows, 16))](
         q, *q.stride()[:3], rot, rot if sketch is None else sketch, q_rot, q_sk, kv_heads, rows, q_len,
         dk=spec.dim, K_QJL=spec.qjl, **_kernel_dtypes(compute), BLOCK_Q=16, BLOCK_DK=bd, BLOCK_MK=bm,
