@@ -214,7 +214,7 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
     kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0))
     vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
     print(f"\n## decode attention, batch {batch}, {q_heads} q heads, {kv_heads} kv heads, head_dim {dim}, {bits}-bit K/V")
-    print("GPU time: CUDA-graph replay (triton: its two kernels + query rotation; SDPA: the fp16 kernel)")
+    print("GPU time: CUDA-graph replay (triton: its three kernels, query rotation, split, combine; SDPA: the fp16 kernel)")
     print("paged: the same cache as a shuffled pool of 16-key blocks read through a block table")
     print(_row(["context", "GPU triton compressed", "GPU triton paged", "GPU SDPA fp16", "SDPA / triton (GPU)", "API triton",
                 "API triton unchecked", "API SDPA", "SDPA / triton (API)", "MB read triton", "MB read SDPA",

@@ -11,8 +11,8 @@ shape), so for ``L = (L0, L1, L2)``
 and every written field is bit for bit what ``quantize(x, params)`` would have returned for that vector.
 The cache's fields must have the spec's dtypes, keep each packed row's bytes contiguous and lie apart
 from one another in memory (an expanded view or two fields sharing memory are refused).
-With ``validate=True`` every slot must be in ``-1..size(L) - 1`` and the non-negative ones distinct (one
-host synchronization), checked before anything is written. Unchecked (``validate=False``), a slot out of
+With ``validate=True`` every slot must be in ``-1..size(L) - 1`` and the non-negative ones distinct (host
+synchronizations), checked before anything is written. Unchecked (``validate=False``), a slot out of
 range writes nothing, and for repeated slots which vector lands (field by field) is unspecified.
 
 The functions here index, compare and reshape only, so they take NumPy arrays and torch tensors alike.

@@ -167,7 +167,8 @@ def test_gather_pages_is_the_reference_layout():
 
 
 def test_appending_a_step_to_a_paged_cache(tier):
-    """The docs' recipe: quantize the step's keys and values, assign each field at its (block, slot)."""
+    """The plain append `quantize_into` replaces: quantize the step's keys and values, assign each field at
+    its (block, slot)."""
     kp, vp, lk, lv, pk, pv, table, q = _setup(tier, seed=3)
     pool_k, pool_v = tier.code(pk, "float32"), tier.code(pv, "float32")
     rng = np.random.default_rng(4)

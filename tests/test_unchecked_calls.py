@@ -1,4 +1,6 @@
-"""``validate=False``: the unchecked `quantize` and `attention` an inference engine calls every decode step.
+"""``validate=False``: the unchecked `quantize` and `attention` an inference engine calls every decode step
+(`quantize_into` has its own tests in ``tests/test_quantize_into.py``; its unchecked call is part of the
+CUDA-graph test here).
 
 In every tier present (see ``tests/tiers.py``):
 
@@ -9,7 +11,8 @@ In every tier present (see ``tests/tiers.py``):
 - the Triton tier, and the torch tier's attention, read no tensor value back on the host (checked here
   by making every Python-level read -- ``item``, ``bool``, ``int``, ``tolist``, ``cpu``, ... -- raise, which
   cannot see a synchronization inside a C++ operator; on a GPU,
-  ``test_triton_calls_capture_in_a_cuda_graph`` captures the Triton calls under sync debug mode "error").
+  ``test_triton_calls_capture_in_a_cuda_graph`` captures the Triton calls under sync debug mode "error");
+- the Triton tier's unchecked attention is three kernel launches and no other torch operator.
 """
 
 from __future__ import annotations

@@ -34,11 +34,11 @@ SHORT = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "f
 
 @dataclass(frozen=True)
 class Tier:
-    """One implementation of the four functions, on one device.
+    """One implementation of the five functions, on one device.
 
     Attributes:
         name: pytest id, e.g. ``"torch-cpu"``.
-        module: the tier module (``quantize``, ``dequantize``, ``scores``, ``attention``).
+        module: the tier module (``quantize``, ``quantize_into``, ``dequantize``, ``scores``, ``attention``).
         device: torch device string, or None for the NumPy tier.
         dtypes: input dtype names the tier accepts.
         slow: True for Triton (interpreted or compiled per variant): suites run a smaller subset of cases.

@@ -298,7 +298,7 @@ def attention_combine_kernel(
     accq_ptr,  # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT sums of p rho z
     rot_ptr,  # (BLOCK_DV, BLOCK_DV) CDT V's rotation matrix R_V zero-padded (x = y @ R_V)
     smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT sqrt(pi/2) / mv * S_V zero-padded (scaled on the host)
-    out_ptr,  # (BH, R, dv) output in the query dtype (float32 for bfloat16 queries)
+    out_ptr,  # (BH, R, dv) output in the query dtype (float32 for bfloat16 under the interpreter, see _store_dtype)
     lengths_ptr,  # (batch,) int32 or int64 keys attended to per sequence (any value: see load_length)
     kv_heads,  # KV heads (bh // kv_heads is the batch index)
     N,  # cache length (keys per head)

@@ -22,7 +22,7 @@ def dequantize_kernel(
     norms_ptr,  # (n,) stored norms (float32 or float16)
     n,  # number of vectors
     d,  # vector dimension
-    out_ptr,  # (n, d) output, rows d apart, in the code's dtype (float32 for bfloat16)
+    out_ptr,  # (n, d) output, rows d apart, in the code's dtype (float32 for bfloat16 under the interpreter)
     rot_ptr,  # DENSE: (BLOCK_D, BLOCK_D) CDT R zero-padded; rotor: (3, BLOCK_D) transposed weights W^T
     cent_ptr,  # (2**BITS,) CDT centroids
     signs_ptr,  # QJL: (n, sign_bytes) uint8 packed signs

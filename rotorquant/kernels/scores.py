@@ -106,7 +106,7 @@ def scores_kernel(
     signs_ptr,  # QJL: (batch, N, sign_bytes) uint8 packed signs
     res_norms_ptr,  # QJL: (batch, N) residual norms
     cent_ptr,  # (2**BITS,) CDT centroids
-    out_ptr,  # (batch, M, N) output scores in the query dtype (float32 for bfloat16 queries)
+    out_ptr,  # (batch, M, N) output scores in the query dtype (float32 for bfloat16 under the interpreter)
     M,  # queries per batch entry
     N,  # keys per batch entry
     d,  # vector dimension
