@@ -4,7 +4,7 @@
     python benchmarks/cpu_speed.py --threads 1 2      # one table per intra-op thread count
     python benchmarks/cpu_speed.py --quick            # 8192 vectors, fewer repetitions
 
-Prints, per thread count, the Markdown table of `rotorquant.timing.speed_table_rows` (quantize and
+Prints, per thread count, the Markdown table of `rotorquant.bench.timing.speed_table_rows` (quantize and
 dequantize: clone, torch rotor/dense, NumPy rotor/dense; medians of interleaved repetitions after
 warm-up; every ratio from the same run) and whether the targets are met: torch rotor quantize
 within 3x of the clone, rotor no slower than dense.
@@ -18,7 +18,7 @@ import platform
 
 import torch
 
-from rotorquant.timing import speed_table_markdown, speed_table_rows
+from rotorquant.bench.timing import speed_table_markdown, speed_table_rows
 
 
 def main() -> None:

@@ -37,9 +37,10 @@ import torch
 import triton
 
 import rotorquant as rq
-from rotorquant.compressed import PAYLOAD_FIELDS
+from rotorquant.format import PAYLOAD_FIELDS
 from rotorquant.tiers import torch as torch_tier
 from rotorquant.tiers import triton as triton_tier
+from rotorquant.tiers.triton import launch
 
 CALLS = 20
 DEVICE = "cuda"  # tests/test_triton_tier.py runs the tables on CPU tensors under the Triton interpreter
@@ -139,9 +140,9 @@ def quantize_table(sizes: list[int], dim: int, bits: int) -> None:
                 "API torch dense / triton rotor"]))  # fmt: skip
     for n in sizes:
         x = torch.randn(n, dim, device=DEVICE, dtype=torch.float16)
-        g_r = graph_us(lambda: triton_tier._quantize_rows(x, rotor))
-        g_d = graph_us(lambda: triton_tier._quantize_rows(x, dense))
-        b_r = busy_us(lambda: triton_tier._quantize_rows(x, rotor))
+        g_r = graph_us(lambda: launch.quantize(x, rotor))
+        g_d = graph_us(lambda: launch.quantize(x, dense))
+        b_r = busy_us(lambda: launch.quantize(x, rotor))
         b_tr = busy_us(lambda: torch_tier.quantize(x, rotor))
         b_td = busy_us(lambda: torch_tier.quantize(x, dense))
         a_r = api_us(lambda: triton_tier.quantize(x, rotor))
@@ -158,7 +159,7 @@ def quantize_sweep(n: int, dim: int, bits: int) -> None:
     print(f"\n## sweep: rotor quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
     print("BLOCK_N | num_warps | GPU us")
     for block_n, warps in ((8, 1), (16, 1), (16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 8)):
-        t = graph_us(lambda: triton_tier._quantize_rows(x, rotor, block_n=block_n, num_warps=warps), reps=7)
+        t = graph_us(lambda: launch.quantize(x, rotor, config=launch.LaunchConfig(quantize_block_n=block_n, quantize_warps=warps)), reps=7)
         print(f"{block_n} | {warps} | {t:.1f}")  # nan: the configuration failed (reason printed above)
 
 
@@ -171,7 +172,7 @@ def dense_quantize_sweep(n: int, dim: int, bits: int) -> None:
     print(f"\n## sweep: dense quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
     print("BLOCK_N | BLOCK_C | num_warps | GPU us")
     for block_n, block_c, warps in ((32, 64, 8), (32, 128, 8), (16, 64, 8), (16, 64, 4), (16, 32, 4)):
-        run = functools.partial(triton_tier._quantize_rows, x, dense, block_n=block_n, num_warps=warps, block_c=block_c)
+        run = functools.partial(launch.quantize, x, dense, config=launch.LaunchConfig(quantize_block_n=block_n, quantize_warps=warps, quantize_block_c=block_c))
         print(f"{block_n} | {block_c} | {warps} | {graph_us(run, reps=7):.1f}")
 
 
@@ -223,12 +224,13 @@ def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int
     for n in contexts:
         q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
         lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
-        ours = graph_us(lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens))
+        scale = dim**-0.5
+        ours = graph_us(lambda: launch.attention(q, k_code, v_code, kp, vp, scale=scale, lengths=lens))
         paged, paged_err = math.nan, math.nan  # contexts not a multiple of the 16-key block are not paged
         if n % 16 == 0:
             (pool_k, table), (pool_v, _) = _paged(k_code, 16, seed=n), _paged(v_code, 16, seed=n)
             run = functools.partial(
-                triton_tier._attention_launch, q, pool_k, pool_v, kp, vp, scale=None, lens=lens, block_table=table
+                launch.attention, q, pool_k, pool_v, kp, vp, scale=scale, lengths=lens, table=table
             )
             paged = graph_us(run)
             paged_err = (run().float() - triton_tier.attention(q, k_code, v_code, kp, vp).float()).abs().max().item()
@@ -290,14 +292,15 @@ def attention_sweep(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, b
     q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
     del k, v
     lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
+    scale = dim**-0.5
     print(f"\n## sweep: attention launch configurations, context {n} (GPU us, graph)")
     print("BLOCK_N | num_warps | num_stages | programs/SM | GPU us")
     configs = [(64, 8, 2, 4), (32, 4, 2, 4), (32, 4, 2, 8), (16, 4, 2, 8), (32, 8, 2, 4), (64, 8, 1, 4),
                (64, 8, 3, 4), (64, 8, 2, 8), (128, 8, 2, 4)]  # fmt: skip
     for block_n, warps, stages, per_sm in configs:
-        launch = triton_tier._AttentionLaunch(block_n=block_n, num_warps=warps, num_stages=stages, programs_per_sm=per_sm)
+        config = launch.LaunchConfig(attention_block_n=block_n, attention_warps=warps, attention_stages=stages, programs_per_sm=per_sm)
         t = graph_us(
-            lambda: triton_tier._attention_launch(q, k_code, v_code, kp, vp, scale=None, lens=lens, launch=launch),
+            lambda: launch.attention(q, k_code, v_code, kp, vp, scale=scale, lengths=lens, config=config),
             reps=7,
         )
         print(f"{block_n} | {warps} | {stages} | {per_sm} | {t:.1f}")  # nan: failed (reason printed above)

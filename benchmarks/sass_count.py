@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 from typing import NamedTuple
@@ -35,72 +36,77 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-from triton._C.libtriton import native_specialize_impl  # noqa: E402
-from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from triton.tools.disasm import get_sass  # noqa: E402
 
 import rotorquant as rq  # noqa: E402
-from rotorquant.tiers import triton as tt  # noqa: E402
+from rotorquant.tiers.triton import launch as tl_launch  # noqa: E402
 
 CONTEXT = 4096  # keys per sequence (the loop body does not depend on it)
+SM90 = GPUTarget("cuda", 90, 32)
+KERNELS = ("quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_query_kernel",
+           "attention_split_kernel", "attention_combine_kernel")  # fmt: skip
 
 
 class Launch(NamedTuple):
     """One recorded launch: what `compile_for_sm90` needs to build the variant the JIT would build."""
 
-    sig: dict
+    fn: object
+    signature: dict
     constexprs: dict
     attrs: dict
     options: dict
 
 
-def _specialize(v, param) -> tuple[str, str]:
-    """``(type, attribute)`` of a runtime argument as Triton's JIT specializes it: an int equal to 1 becomes
-    the constant 1, ints and pointers divisible by 16 get ``"D"`` (a divisibility hint)."""
-    if isinstance(v, float):
-        return "fp32", ""
-    return native_specialize_impl(
-        BaseBackend, v, False, not param.do_not_specialize, not param.do_not_specialize_on_alignment
-    )
-
-
 class Recorder:
     """Stands in for a kernel: keeps the specialized signature and options of every launch instead of
-    running it (``tests/test_triton_tier.py`` uses it to compile every kernel variant the tier launches)."""
+    running it, specialized by Triton's own binder for an sm_90 target, as its JIT would (ints equal to 1
+    become constants, ints and pointers divisible by 16 get a divisibility hint, tuples element by
+    element). ``tests/test_triton_tier.py`` uses it to compile every kernel variant the tier launches."""
 
     def __init__(self, fn):
         self.fn, self.launches = fn, []
+        self._backend = make_backend(SM90)
+        self._binder = create_function_from_signature(fn.signature, fn.params, self._backend)
 
     def __getitem__(self, grid):
-        def launch(*args, num_warps, num_stages=None, enable_fp_fusion=True, **kwargs):
-            bound = {**dict(zip(self.fn.arg_names, args)), **kwargs}
-            sig, constexprs, attrs = {}, {}, {}
-            for i, p in enumerate(self.fn.params):
-                v = bound[p.name]
-                kind, attr = ("constexpr", v) if p.is_constexpr else _specialize(v, p)
-                sig[p.name] = kind
-                if kind == "constexpr":
-                    constexprs[(i,)] = attr
-                elif attr:
-                    attrs[(i,)] = BaseBackend.parse_attr(attr)
-            options = {"num_warps": num_warps, "enable_fp_fusion": enable_fp_fusion}
-            options.update({"num_stages": num_stages} if num_stages else {})
-            self.launches.append(Launch(sig, constexprs, attrs, options))
+        def launch(*args, **kwargs):
+            bound, specialization, options = self._binder(*args, **kwargs)
+            options, signature, constexprs, attrs = self.fn._pack_args(
+                self._backend, kwargs, bound, specialization, options
+            )
+            self.launches.append(Launch(self.fn, signature, constexprs, attrs, options.__dict__))
 
         return launch
 
 
-def compile_for_sm90(fn, launch: Launch):
-    """``fn`` compiled ahead of time for an sm_90 GPU with Triton's bundled ptxas."""
-    source = ASTSource(fn=fn, signature=launch.sig, constexprs=launch.constexprs, attrs=launch.attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch.options)
+@contextlib.contextmanager
+def recording():
+    """Inside the block every kernel of `rotorquant.tiers.triton.launch` is a `Recorder` (yielded by name):
+    launches record what they would compile and nothing runs, so CPU tensors stand in for CUDA ones."""
+    recorders = {name: Recorder(getattr(tl_launch, name)) for name in KERNELS}
+    saved = {name: getattr(tl_launch, name) for name in KERNELS}
+    try:
+        for name, recorder in recorders.items():
+            setattr(tl_launch, name, recorder)
+        yield recorders
+    finally:
+        for name, kernel in saved.items():
+            setattr(tl_launch, name, kernel)
 
 
-def record_attention(bits: int) -> Launch:
-    """The split kernel's launch for the benchmark's shapes
-    (CPU tensors stand in for CUDA ones; nothing runs)."""
-    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=bits))
+def compile_for_sm90(launch: Launch):
+    """The recorded variant compiled ahead of time for an sm_90 GPU with Triton's bundled ptxas."""
+    source = ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs)
+    return triton.compile(source, target=SM90, options=launch.options)
+
+
+def record_attention(bits: int, dim: int = 128) -> Launch:
+    """The split kernel's launch for the GPU benchmark's shapes (batch 8, 32 query heads on 8 KV heads,
+    float16 queries; CPU tensors stand in for CUDA ones, nothing runs) at head dim ``dim``."""
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits))
     spec = params.spec
     code = rq.Compressed(
         codes=torch.zeros(8, 8, CONTEXT, spec.code_bytes, dtype=torch.uint8),
@@ -108,19 +114,12 @@ def record_attention(bits: int) -> Launch:
         spec=spec,
         dtype="float16",
     )
-    q = torch.zeros(8, 32, 1, 128, dtype=torch.float16)
-    lens = torch.full((8,), CONTEXT, dtype=torch.int32)
-    query, split, combine = tt.attention_query_kernel, tt.attention_split_kernel, tt.attention_combine_kernel
-    sms, recorder = tt._multiprocessors, Recorder(split)
-    tt.attention_query_kernel, tt.attention_split_kernel = Recorder(query), recorder
-    tt.attention_combine_kernel = Recorder(combine)
-    tt._multiprocessors = lambda device: 132  # an H100/H200
-    try:
-        tt._attention_launch(q, code, code, params, params, scale=None, lens=lens)
-    finally:
-        tt.attention_query_kernel, tt.attention_split_kernel, tt.attention_combine_kernel = query, split, combine
-        tt._multiprocessors = sms
-    return recorder.launches[0]
+    q = torch.zeros(8, 32, 1, dim, dtype=torch.float16)
+    lengths = torch.full((8,), CONTEXT, dtype=torch.int32)
+    with recording() as kernels:  # planned for an H100/H200: 132 multiprocessors
+        tl_launch.attention(q, code, code, params, params, scale=dim**-0.5, lengths=lengths,
+                            config=tl_launch.LaunchConfig(multiprocessors=132))  # fmt: skip
+    return kernels["attention_split_kernel"].launches[0]
 
 
 def record_quantize(rotation: str, into: bool = False) -> Launch:
@@ -128,26 +127,20 @@ def record_quantize(rotation: str, into: bool = False) -> Launch:
     `quantize_into` of those vectors, as 2048 tokens x 8 KV heads, into a paged cache of 16-token blocks
     stored the vLLM way, ``(num_blocks, page, Hkv)``, read as ``(num_blocks, Hkv, page)``."""
     params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation))
-    kernel, check_device = tt.quantize_kernel, tt._check_device
-    tt.quantize_kernel = recorder = Recorder(kernel)
-    tt._check_device = lambda *args: None  # CPU tensors stand in for CUDA ones
+    spec = params.spec
     x = torch.zeros(16384, 128, dtype=torch.float16)
-    try:
+    with recording() as kernels:
         if into:
-            spec = params.spec
             pool = rq.Compressed(
                 codes=torch.zeros(1024, 16, 8, spec.code_bytes, dtype=torch.uint8).transpose(1, 2),
                 norms=torch.ones(1024, 16, 8).transpose(1, 2),
                 spec=spec,
                 dtype="float16",
             )
-            slots = torch.arange(16384).reshape(2048, 8)
-            tt.quantize_into(x.reshape(2048, 8, 128), params, pool, slots, validate=False)
+            tl_launch.quantize(x, params, cap_norms=True, into=(pool, torch.arange(16384)))
         else:
-            tt._quantize_rows(x, params)
-    finally:
-        tt.quantize_kernel, tt._check_device = kernel, check_device
-    return recorder.launches[0]
+            tl_launch.quantize(x, params)
+    return kernels["quantize_kernel"].launches[0]
 
 
 def kernel_body(sass: str) -> list[str]:
@@ -182,32 +175,43 @@ def _common(body: list[str]) -> str:
 
 def _constexpr(launch: Launch, name: str):
     """The value of the launch's constexpr ``name``."""
-    return launch.constexprs[(list(launch.sig).index(name),)]
+    return launch.constexprs[(list(launch.signature).index(name),)]
+
+
+def attention_per_code(bits: int, dim: int) -> tuple[float, Launch, list[str]]:
+    """Instructions per cached code of the attention key loop: ``loop x threads / (2 x BLOCK_N x dim)``."""
+    launch = record_attention(bits, dim)
+    body = loop_body(get_sass(compile_for_sm90(launch).asm["cubin"]))
+    block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
+    return len(body) * warps * 32 / (2 * block_n * dim), launch, body
+
+
+def quantize_per_coordinate(rotation: str, into: bool = False) -> tuple[float, Launch, list[str]]:
+    """Instructions per coordinate of the quantize kernel: ``instructions x threads / (BLOCK_N x 128)``."""
+    launch = record_quantize(rotation, into)
+    body = kernel_body(get_sass(compile_for_sm90(launch).asm["cubin"]))
+    block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
+    return len(body) * warps * 32 / (block_n * 128), launch, body
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for attention (default 2,3,4)")
+    parser.add_argument("--dims", default="64,128,256", help="comma-separated head dims for attention")
     args = parser.parse_args()
-    print("Attention key loop (attention_split_kernel)\n")
-    print("| bits | BLOCK_N | warps | loop instructions | per code (K and V) | most frequent |")
-    print("|---:|---:|---:|---:|---:|---|")
-    for bits in (int(b) for b in args.bits.split(",")):
-        launch = record_attention(bits)
-        body = loop_body(get_sass(compile_for_sm90(tt.attention_split_kernel, launch).asm["cubin"]))
-        block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
-        per_code = len(body) * warps * 32 / (2 * block_n * 128)
-        print(f"| {bits} | {block_n} | {warps} | {len(body)} | {per_code:.1f} | {_common(body)} |")
-    print("\nQuantize (quantize_kernel), 3 bits\n")
-    print("| rotation | vectors per program | warps | instructions | per coordinate | most frequent |")
-    print("|---|---:|---:|---:|---:|---|")
+    print(f"triton {triton.__version__}, compiled for sm_90")
+    for dim in (int(d) for d in args.dims.split(",")):
+        for bits in (int(b) for b in args.bits.split(",")):
+            per_code, launch, body = attention_per_code(bits, dim)
+            print(f"sass: attention loop, bits={bits}, head_dim={dim}, packing=contiguous: {per_code:.1f} "
+                  f"instructions per code (BLOCK_N {_constexpr(launch, 'BLOCK_N')}, "
+                  f"{launch.options['num_warps']} warps, {len(body)} loop instructions; {_common(body)})")  # fmt: skip
     for rotation, into in (("rotor", False), ("dense", False), ("rotor", True)):
-        launch = record_quantize(rotation, into)
-        body = kernel_body(get_sass(compile_for_sm90(tt.quantize_kernel, launch).asm["cubin"]))
-        block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
-        per_coord = len(body) * warps * 32 / (block_n * 128)
-        name = f"{rotation}, into a paged cache" if into else rotation
-        print(f"| {name} | {block_n} | {warps} | {len(body)} | {per_coord:.1f} | {_common(body)} |")
+        per_coord, launch, body = quantize_per_coordinate(rotation, into)
+        name = "quantize into a paged cache" if into else "quantize"
+        print(f"sass: {name}, bits=3, head_dim=128, rotation={rotation}: {per_coord:.1f} instructions per "
+              f"coordinate ({_constexpr(launch, 'BLOCK_N')} vectors per program, {launch.options['num_warps']} "
+              f"warps, {len(body)} instructions; {_common(body)})")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@
 """
 
 from .calibration import Calibration, calibrate
-from .codebook import Codebook, lloyd_max
-from .compressed import Compressed
+from .math.codebook import Codebook, lloyd_max
+from .format import Compressed
 from .params import QuantParams, build_params
 from .quantizer import Quantizer, Tier
 from .spec import NormDtype, QuantizerSpec, Rotation

@@ -20,7 +20,7 @@ so the tiers run unchanged on ``x'``. ``n`` counts the samples and ``n0 = prior`
 pseudo-samples of isotropic, zero-mean data, which keeps a fit on a handful of vectors (a short prompt)
 close to the identity. For softmax attention ``q . mu`` is the same for every key of a
 query and cancels, which makes centering keys free of error; centering values is not (it measured
-worse, see ``docs/benchmarks/fidelity.md``), so `rotorquant.fidelity` centers keys only.
+worse, see ``docs/benchmarks/fidelity.md``), so `rotorquant.bench.fidelity` centers keys only.
 
 Statistics keep the sample axes with size 1, so they broadcast against the vectors they were fitted
 on: keys ``(batch, heads, tokens, d)`` fitted with ``axis=(0, 2)`` give per-head ``(1, heads, 1, d)``.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .compressed import Compressed
+from .format import PACKED_FIELDS, PAYLOAD_FIELDS, Compressed
 from .params import QuantParams
 
 
@@ -35,18 +35,37 @@ def check_finite(name: str, all_finite: bool) -> None:
         raise ValueError(f"{name}: expected finite values, got NaN or Inf")
 
 
-def check_norms_fit(name: str, max_norm: float, limit: float, norm_dtype: str, corrected: bool = False) -> None:
-    """The largest norm to store fits the norm dtype (``corrected``: it is ``||x|| / ||c[k]||``, norm_correction)."""
+def check_norms_fit(
+    name: str, max_norm: float, limit: float, norm_dtype: str, corrected: bool = False, residual: bool = False
+) -> None:
+    """The largest norm to store fits the norm dtype (``corrected``: it is ``||x|| / ||c[k]||``, norm
+    correction; ``residual``: it is a QJL residual norm ``||x - x_mse||``)."""
     if not max_norm <= limit:
         stored = "; with norm_correction the stored ||x|| / ||c[k]||" if corrected else ""
+        what = "QJL residual norms ||x - x_mse||" if residual else "vector norms"
         raise ValueError(
-            f"{name}: expected vector norms <= {limit:g} (the largest finite {norm_dtype}, "
+            f"{name}: expected {what} <= {limit:g} (the largest finite {norm_dtype}, "
             f"the spec's norm_dtype{stored}), got a norm of {max_norm:g}"
         )
 
 
-def check_code(name: str, code: object, params: QuantParams) -> None:
-    """``code`` must be a `Compressed` built for ``params.spec`` with the documented shapes."""
+def check_array(name: str, a: object, arrays) -> None:
+    """``a`` is an array of the called tier's library (``arrays``: a `rotorquant.arrays` adapter); an array of
+    another tier is named as such."""
+    if arrays.is_array(a):
+        return
+    origin = ""
+    if isinstance(a, np.ndarray):
+        origin = f" (an array of the numpy tier; the {arrays.tier} tier was called)"
+    elif type(a).__module__.split(".")[0] == "torch":
+        origin = f" (a tensor of the torch or triton tier; the {arrays.tier} tier was called)"
+    raise TypeError(f"{name}: expected a {arrays.kind}, got {type(a).__name__}{origin}")
+
+
+def check_code(name: str, code: object, params: QuantParams, arrays) -> None:
+    """``code`` is a `Compressed` built for ``params.spec`` whose payload fields are arrays of the called tier
+    (``arrays``: a `rotorquant.arrays` adapter) with the documented dtypes and shapes, all checked before any
+    field is read."""
     if not isinstance(code, Compressed):
         raise TypeError(f"{name}: expected a rotorquant.Compressed, got {type(code).__name__}")
     if code.spec != params.spec:
@@ -57,18 +76,29 @@ def check_code(name: str, code: object, params: QuantParams) -> None:
             "(decode it with the rotorquant.Quantizer that made it)"
         )
     spec = params.spec
-    if tuple(code.codes.shape[-1:]) != (spec.code_bytes,):
-        raise ValueError(f"{name}.codes: expected shape (..., {spec.code_bytes}), got {tuple(code.codes.shape)}")
-    if tuple(code.norms.shape) != code.shape:
-        raise ValueError(f"{name}.norms: expected shape {code.shape}, got {tuple(code.norms.shape)}")
-    if spec.qjl and (code.qjl_signs is None or code.residual_norms is None):
-        raise ValueError(f"{name}: expected qjl_signs and residual_norms (spec.qjl=True), got None")
-    if spec.qjl and tuple(code.qjl_signs.shape) != (*code.shape, spec.sign_bytes):
-        raise ValueError(
-            f"{name}.qjl_signs: expected shape {(*code.shape, spec.sign_bytes)}, got {tuple(code.qjl_signs.shape)}"
-        )
-    if spec.qjl and tuple(code.residual_norms.shape) != code.shape:
-        raise ValueError(f"{name}.residual_norms: expected shape {code.shape}, got {tuple(code.residual_norms.shape)}")
+    for field in PAYLOAD_FIELDS:
+        a = getattr(code, field)
+        wanted = spec.qjl or field in ("codes", "norms")
+        if a is None and wanted:
+            raise ValueError(f"{name}.{field}: expected an array (spec.qjl={spec.qjl}), got None")
+        if a is None:
+            continue
+        if not wanted:
+            raise ValueError(f"{name}.{field}: expected None (spec.qjl=False), got {type(a).__name__}")
+        check_array(f"{name}.{field}", a, arrays)
+        expected = "uint8" if field in PACKED_FIELDS else spec.norm_dtype.value
+        if arrays.dtype_name(a) != expected:
+            raise TypeError(f"{name}.{field}: expected dtype {expected}, got {arrays.dtype_name(a)}")
+    lead = tuple(code.codes.shape[:-1])
+    shapes = {"codes": (*lead, spec.code_bytes), "norms": lead}
+    if spec.qjl:
+        shapes.update(qjl_signs=(*lead, spec.sign_bytes), residual_norms=lead)
+    for field, shape in shapes.items():
+        got = tuple(getattr(code, field).shape)
+        if got != shape:
+            raise ValueError(f"{name}.{field}: expected shape {shape}, got {got}")
+    for field in shapes:
+        arrays.check_device(f"{name}.{field}", getattr(code, field), code.codes, f"{name}.codes")
 
 
 def broadcast_error(name: str, shape_a: tuple[int, ...], other: str, shape_b: tuple[int, ...]) -> ValueError:
@@ -102,12 +132,6 @@ def check_block_table_shape(shape: tuple[int, ...], batch: int) -> None:
         raise ValueError(f"block_table: expected shape (batch={batch}, max_blocks >= 1), got {tuple(shape)}")
 
 
-def check_block_table_integer(is_integer: bool, dtype: str) -> None:
-    """Block ids are integers."""
-    if not is_integer:
-        raise TypeError(f"block_table: expected integers, got dtype {dtype}")
-
-
 def check_block_ids(bad_batches: list[int], num_blocks: int) -> None:
     """No sequence names a block out of range where its keys (below ``lengths``) lie."""
     if bad_batches:
@@ -115,12 +139,6 @@ def check_block_ids(bad_batches: list[int], num_blocks: int) -> None:
             f"block_table: expected block ids in 0..{num_blocks - 1} for every block holding keys below "
             f"lengths, got ids out of range in sequences {bad_batches[:8]}"
         )
-
-
-def check_lengths_integer(is_integer: bool, dtype: str) -> None:
-    """Per-sequence lengths are integers (not floats, complex or bools)."""
-    if not is_integer:
-        raise TypeError(f"lengths: expected integers, got dtype {dtype}")
 
 
 def check_lengths_shape(lengths_shape: tuple[int, ...], batch: int) -> None:
@@ -141,6 +159,23 @@ def lengths_in_range(lengths, kv_len: int, least: int):
     """Elementwise ``least <= lengths <= kv_len`` (NumPy array or torch tensor): the sequences whose
     attention is defined. With ``validate=False`` the others get NaN rows instead of an error."""
     return (lengths >= least) & (lengths <= kv_len)
+
+
+def check_integer(name: str, is_integer: bool, dtype: str) -> None:
+    """Lengths, block ids and slots are integers (not floats, complex or bools)."""
+    if not is_integer:
+        raise TypeError(f"{name}: expected integers, got dtype {dtype}")
+
+
+def check_scale(scale: object) -> float:
+    """The softmax scale is None (``1/sqrt(d)``) or a finite real number; returns it as a float or None."""
+    if scale is None:
+        return None
+    if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale: expected None or a real number, got {type(scale).__name__}")
+    if not np.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale!r}")
+    return float(scale)
 
 
 def check_bool(name: str, value: object) -> bool:

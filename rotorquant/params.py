@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codebook import lloyd_max
-from .rotors import IDENTITY_ROTOR, haar_orthogonal, haar_plane_rotor, haar_rotors, rotor_matrices
+from .math.codebook import lloyd_max
+from .math.rotors import IDENTITY_ROTOR, haar_orthogonal, haar_plane_rotor, haar_rotors, rotor_matrices
 from .spec import QuantizerSpec, Rotation
 
 

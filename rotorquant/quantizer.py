@@ -16,7 +16,7 @@ from types import ModuleType
 import numpy as np
 
 from .calibration import Calibration
-from .compressed import Compressed
+from .format import Compressed
 from .params import QuantParams, build_params
 from .spec import QuantizerSpec, _StrEnum
 
@@ -66,7 +66,7 @@ def _like_code(x, code: Compressed):
     """Torch ``x`` cast to the dtype the code was made from (NumPy stays float64, as the reference returns)."""
     if isinstance(x, np.ndarray):
         return x
-    from .torch_checks import output_dtype
+    from .tiers.tensors import output_dtype
 
     return x.to(output_dtype(code))
 

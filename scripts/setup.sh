@@ -7,3 +7,10 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[all]"
+# vLLM for the plugin's tests (tests/test_vllm_plugin.py): the wheel without its dependencies, which pin a
+# CUDA torch, then the pure-Python packages that its configuration, argument parsing and attention
+# backends import (ranges as vLLM 0.33.0 declares them). pip skips whatever is already installed.
+.venv/bin/python -m pip install -q --no-deps "vllm==0.33.0"
+.venv/bin/python -m pip install -q "pydantic>=2.12" regex psutil cbor2 "pyzmq>=25" msgspec cloudpickle pybase64 \
+  cachetools uvloop py-cpuinfo partial-json-parser "requests>=2.33" "aiohttp>=3.14.4" "openai>=2.25" openai-harmony \
+  "pillow>=13" "prometheus-client>=0.18" "fastapi>=0.133,<0.137" "llguidance>=1.7,<1.8" "xgrammar==0.2.8"

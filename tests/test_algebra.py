@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import rotorquant as rq
-from rotorquant import cl3
-from rotorquant.rotors import haar_rotors, rotor_matrices
+from rotorquant.math import cl3
+from rotorquant.math.rotors import haar_rotors, rotor_matrices
 
 RNG = np.random.default_rng(1234)
 

@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotorquant.bitpack import pack_codes, packed_length, unpack_codes
+from rotorquant.format import pack_codes, packed_length, unpack_codes
 
 
 def test_layout_example():

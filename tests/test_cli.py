@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from rotorquant import QuantizerSpec, cli
+from rotorquant import QuantizerSpec
+from rotorquant.bench import cli
 
 
 def run(capsys, *argv):
@@ -59,7 +60,7 @@ def test_errors_found_while_running_are_one_line(capsys, tmp_path):
 
 def test_console_script_error_has_no_traceback():
     result = subprocess.run(
-        [sys.executable, "-m", "rotorquant.cli", "bench", "--bits", "0"], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "rotorquant.bench.cli", "bench", "--bits", "0"], capture_output=True, text=True, check=False
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 

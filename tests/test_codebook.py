@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from rotorquant.codebook import coordinate_density, lloyd_max
+from rotorquant.math.codebook import coordinate_density, lloyd_max
 
 DIMS = [2, 3, 5, 32, 67, 128, 1024]
 

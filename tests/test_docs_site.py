@@ -1,16 +1,19 @@
 """The documentation site builds offline, renders in a browser, and has no broken internal links.
 
-Builds the site once (``mkdocs build --strict``, which also executes the notebooks through
-mkdocs-jupyter) into a temporary folder, then:
+Builds the site once (``mkdocs build --strict``) into a temporary folder. The build executes the
+notebooks through mkdocs-jupyter, the one execution of the tutorials per test run: a failing cell
+fails the build, and the failure names the notebook, the cell and the error. Then:
 
-- opens the home page and a tutorial in Debian's headless Chromium (``--dump-dom``) with every host
-  name unresolvable, and checks they rendered: a title, body text, and for the tutorial the plots
-  its execution produced;
+- opens every built page in Debian's headless Chromium (``--dump-dom``, every host name unresolvable,
+  a network log recorded) and checks that the page requested nothing from the network, that every
+  formula was typeset by the MathJax shipped with the site (the concept pages must have formulas),
+  that the home page and a tutorial rendered (for the tutorial, the plots its execution produced);
 - checks every internal link and resource of every built page resolves to a file;
-- checks no page loads anything from the network (scripts, styles, fonts, images, frames).
+- checks no page or stylesheet refers to anything on the network (scripts, styles, fonts, images,
+  frames).
 
-Chromium is required: ``apt-get install chromium`` (``scripts/test.sh`` installs it). Without it
-the browser test fails with that instruction instead of skipping.
+Chromium is required: ``apt-get install chromium``. Without it the browser tests fail with that
+instruction instead of skipping.
 """
 
 from __future__ import annotations
@@ -26,10 +29,14 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 HOME = "index.html"
 TUTORIAL = "tutorials/01_rotors/index.html"
+MATH_PAGES = ["concepts/rotors/index.html", "concepts/codebooks/index.html", "concepts/qjl/index.html",
+              "concepts/calibration/index.html", "format/index.html"]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 RESOURCE_TAGS = {"script": "src", "img": "src", "iframe": "src", "source": "src", "video": "src", "audio": "src",
                  "embed": "src", "link": "href"}
 
@@ -44,6 +51,9 @@ class _PageParser(HTMLParser):
         self.title = ""
         self.text: list[str] = []
         self.images: list[str] = []
+        self.formulas = 0          # elements pymdownx.arithmatex marked for MathJax
+        self.typeset = 0           # MathJax output containers
+        self.math_errors: list[str] = []
         self._stack: list[str] = []
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
@@ -54,6 +64,12 @@ class _PageParser(HTMLParser):
             self.resources.append(a[RESOURCE_TAGS[tag]])
         if tag == "img":
             self.images.append(a.get("src", ""))
+        if "arithmatex" in a.get("class", "").split():
+            self.formulas += 1
+        if tag == "mjx-container":
+            self.typeset += 1
+        if tag == "mjx-merror" or "data-mjx-error" in a:
+            self.math_errors.append(a.get("data-mjx-error", tag))
         if tag not in {"meta", "link", "img", "br", "hr", "input", "source", "embed", "wbr", "col", "area", "base"}:
             self._stack.append(tag)
 
@@ -99,8 +115,22 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-    assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    if proc.returncode != 0:
+        pytest.fail(_build_failure(proc.stdout + proc.stderr), pytrace=False)
     return out
+
+
+def _build_failure(log: str) -> str:
+    """What a failed ``mkdocs build`` says: for a notebook, its name, the failing cell and the error."""
+    log = ANSI.sub("", log)
+    cell = re.search(r"Error reading page '([^']+\.ipynb)': (An error occurred while executing the following cell:"
+                     r".*?)(?=^Traceback \(most recent call last\)|\Z)", log, re.S | re.M)
+    if cell:
+        page, error = cell.groups()
+        source = f" (notebooks/{page.split('/', 1)[1]})" if page.startswith("tutorials/") else ""
+        return (f"notebook {page}{source}: a cell failed while the docs build executed it\n"
+                f"{error.strip()[-6000:]}")
+    return f"mkdocs build --strict failed:\n{log[-8000:]}"
 
 
 def _pages(site: Path) -> list[Path]:
@@ -158,28 +188,113 @@ def test_no_page_loads_anything_from_the_network(site: Path) -> None:
     assert not external, "pages load resources from the network:\n" + "\n".join(external)
 
 
+def _jupyter_options() -> dict:
+    """The mkdocs-jupyter options of mkdocs.yml."""
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text(encoding="utf-8"))
+    for plugin in config["plugins"]:
+        if isinstance(plugin, dict) and "mkdocs-jupyter" in plugin:
+            return plugin["mkdocs-jupyter"]
+    raise AssertionError("mkdocs.yml does not configure the mkdocs-jupyter plugin")
+
+
+def test_a_failing_notebook_cell_fails_the_build_by_name(tmp_path: Path) -> None:
+    """With the site's mkdocs-jupyter options, a notebook whose cell raises fails the build, and the
+    failure names the notebook, shows the cell and the error (so a broken tutorial is found here)."""
+    options = _jupyter_options()
+    assert options.get("execute") is True and options.get("allow_errors") is False, (
+        f"mkdocs.yml must execute the notebooks and fail on errors, got {options}")
+    (tmp_path / "docs" / "tutorials").mkdir(parents=True)
+    (tmp_path / "docs" / "index.md").write_text("# index\n", encoding="utf-8")
+    cells = [{"cell_type": "code", "metadata": {}, "execution_count": None, "outputs": [], "source": src}
+             for src in ("print('fine')", "ratio = 1 / 0")]
+    notebook = {"cells": cells, "nbformat": 4, "nbformat_minor": 5,
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}}
+    (tmp_path / "docs" / "tutorials" / "broken.ipynb").write_text(json.dumps(notebook), encoding="utf-8")
+    config = {"site_name": "t", "strict": True, "nav": [{"Home": "index.md"}, {"Broken": "tutorials/broken.ipynb"}],
+              "plugins": [{"mkdocs-jupyter": options}]}
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=tmp_path, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0, "a notebook cell raising ZeroDivisionError did not fail the docs build"
+    message = _build_failure(proc.stdout + proc.stderr)
+    assert message.startswith("notebook tutorials/broken.ipynb (notebooks/broken.ipynb): a cell failed"), message
+    assert "ratio = 1 / 0" in message and "ZeroDivisionError" in message, message
+
+
 def _chromium() -> str:
     for name in ("chromium", "chromium-browser"):
         path = shutil.which(name)
         if path:
             return path
-    pytest.fail("Chromium not found: the browser check needs Debian's headless Chromium "
-                "(apt-get update && apt-get install -y chromium; scripts/test.sh installs it)")
+    pytest.fail("Chromium not found: the browser checks need Debian's headless Chromium "
+                "(apt-get update && apt-get install -y chromium)")
 
 
-def _render(page: Path) -> _PageParser:
-    """The DOM of ``page`` after Chromium loaded it, with every host name unresolvable."""
+def _page_requests(net_log: Path) -> list[str]:
+    """URLs the page asked the network stack for, from Chromium's ``--log-net-log`` JSON.
+
+    Requests a document makes carry its origin as initiator (``null`` for a file:// page); the
+    browser's own background requests (updates, accounts) carry ``not an origin`` and are ignored.
+    Files the page loads from disk (file://) never reach the network stack.
+    """
+    log = json.loads(net_log.read_text(encoding="utf-8"))
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    starts = [event.get("params", {}) for event in log["events"] if event["type"] == start_job]
+    return [params["url"] for params in starts if "url" in params and params.get("initiator") != "not an origin"]
+
+
+def _render(page: Path, work: Path) -> tuple[_PageParser, list[str]]:
+    """The DOM of ``page`` after Chromium loaded it and ran its scripts, with every host name
+    unresolvable, and the network requests the page made."""
+    net_log = work / "net-log.json"
     proc = subprocess.run(
         [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--dump-dom", page.as_uri()],
+         "--host-resolver-rules=MAP * ~NOTFOUND", f"--log-net-log={net_log}", "--virtual-time-budget=10000",
+         "--dump-dom", page.as_uri()],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, f"chromium failed on {page}:\n{proc.stderr[-4000:]}"
-    return _parse(proc.stdout)
+    return _parse(proc.stdout), _page_requests(net_log)
 
 
-def test_home_page_renders_in_chromium(site: Path) -> None:
-    dom = _render(site / HOME)
+@pytest.fixture(scope="module")
+def rendered(site: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[_PageParser, list[str]]]:
+    """Every built page, rendered by Chromium: ``{site path: (DOM, network requests)}``."""
+    work = tmp_path_factory.mktemp("chromium")
+    return {page.relative_to(site).as_posix(): _render(page, work) for page in _pages(site)}
+
+
+def test_the_network_check_sees_a_page_that_loads_from_the_network(tmp_path: Path) -> None:
+    """The check below would catch a page that fetches a style, an image or data from another host."""
+    page = tmp_path / "online.html"
+    page.write_text('<html><head><title>t</title><link rel="stylesheet" href="https://cdn.example.org/a.css">'
+                    '</head><body><img src="https://example.com/x.png"><script>'
+                    'fetch("https://api.example.net/y").catch(() => {})</script></body></html>', encoding="utf-8")
+    _, requests = _render(page, tmp_path)
+    assert sorted(requests) == ["https://api.example.net/y", "https://cdn.example.org/a.css",
+                                "https://example.com/x.png"], requests
+
+
+def test_no_page_requests_anything_from_the_network_in_chromium(rendered) -> None:
+    online = [f"{page}: {url}" for page, (_, requests) in rendered.items() for url in requests]
+    assert not online, "pages requested resources from the network:\n" + "\n".join(online)
+
+
+def test_every_formula_is_typeset_offline(rendered) -> None:
+    """MathJax, shipped with the site, typeset every formula of every page (and the concept pages
+    have formulas): each arithmatex element holds one MathJax container and none is an error."""
+    for page in MATH_PAGES:
+        assert page in rendered, f"{page} missing from the built site"
+        assert rendered[page][0].formulas > 0, f"{page} has no formula marked for MathJax"
+    for page, (dom, _) in rendered.items():
+        assert not dom.math_errors, f"{page}: MathJax errors {dom.math_errors}"
+        assert dom.typeset == dom.formulas, (
+            f"{page}: {dom.formulas} formulas, {dom.typeset} typeset by MathJax (is the MathJax script in the site?)")
+
+
+def test_home_page_renders_in_chromium(rendered) -> None:
+    dom, _ = rendered[HOME]
     assert dom.title.strip(), "home page has an empty <title>"
     assert "rotorquant" in dom.title
     text = dom.body_text
@@ -187,8 +302,8 @@ def test_home_page_renders_in_chromium(site: Path) -> None:
     assert "KV cache" in text and "RotorQuant" in text
 
 
-def test_tutorial_renders_in_chromium_with_its_plots(site: Path) -> None:
-    dom = _render(site / TUTORIAL)
+def test_tutorial_renders_in_chromium_with_its_plots(rendered) -> None:
+    dom, _ = rendered[TUTORIAL]
     assert dom.title.strip(), "tutorial has an empty <title>"
     text = dom.body_text
     assert "Rotors in Cl(3,0)" in text

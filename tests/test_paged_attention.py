@@ -1,4 +1,4 @@
-"""`attention(..., block_table=...)` over paged caches (`rotorquant.paging`), in every tier present.
+"""`attention(..., block_table=...)` over paged caches (`rotorquant.engine.paging`), in every tier present.
 
 A logical cache ``(B, Hkv, N)`` is scattered into shuffled blocks of ``page`` keys, with junk in the
 blocks no sequence uses and padding ids (-1, or past the cache) in table entries past a sequence's
@@ -17,7 +17,7 @@ import torch
 
 import rotorquant as rq
 from rotorquant.tiers import numpy as ref
-from tiers import TIERS, Tier, code_to_numpy, to_numpy
+from tiers import TIERS, Tier, code_to_numpy, split_attention, to_numpy
 
 FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
 PAGE, MAX_BLOCKS, BATCH = 4, 3, 2  # logical N = 12 keys
@@ -128,7 +128,8 @@ TRITON = [t for t in TIERS if t.name == "triton"]
 @pytest.mark.parametrize("tier", TRITON, ids=lambda t: t.name)
 def test_triton_reads_blocks_stored_token_major_in_place(tier):
     """Blocks stored ``(num_blocks, page, Hkv, ...)`` (vLLM's layout), viewed as ``(num_blocks, Hkv, page)``."""
-    tt = tier.module
+    from rotorquant.tiers.triton import launch
+
     kp, vp, lk, lv, pk, pv, table, q = _setup(tier, seed=2)
 
     def token_major(code):
@@ -142,19 +143,19 @@ def test_triton_reads_blocks_stored_token_major_in_place(tier):
         return dataclasses.replace(code, **moved)
 
     k_view, v_view = token_major(pk), token_major(pv)
-    assert all(a.data_ptr() == getattr(k_view, f).data_ptr() for a, f in zip(tt._payload(k_view), FIELDS))
+    assert all(a.data_ptr() == getattr(k_view, f).data_ptr() for a, f in zip(launch.payload(k_view), FIELDS))
     lengths, t = _on(tier, np.array(LENGTHS)), _on(tier, table)
     for splits in (1, 3):
-        want = tt._attention(_q(tier, q), tier.code(lk, "float32"), tier.code(lv, "float32"), kp, vp, scale=None,
-                             lengths=lengths, splits=splits)  # fmt: skip
-        got = tt._attention(_q(tier, q), k_view, v_view, kp, vp, scale=None, lengths=lengths, block_table=t,
-                            splits=splits)  # fmt: skip
+        want = split_attention(_q(tier, q), tier.code(lk, "float32"), tier.code(lv, "float32"), kp, vp, scale=None,
+                               lengths=lengths, splits=splits)  # fmt: skip
+        got = split_attention(_q(tier, q), k_view, v_view, kp, vp, scale=None, lengths=lengths, block_table=t,
+                              splits=splits)  # fmt: skip
         assert torch.equal(got, want)
 
 
 def test_gather_pages_is_the_reference_layout():
     """`paging.gather_pages` puts key ``n`` of sequence ``b`` where the table says (checked key by key, every field)."""
-    from rotorquant import paging
+    from rotorquant.engine import paging
 
     kp, vp, lk, lv, pk, pv, table, q = _setup(TIERS[0])
     safe = np.where(table >= 0, table, 0)

@@ -319,7 +319,7 @@ def test_unchecked_triton_call_is_one_launch_and_reads_nothing_back(tier):
     x, slots = _x(tier, (4, 2, 67), 9), _on(tier, SLOTS)
     want, cache = _cache(tier, params, "vllm-pages"), _cache(tier, params, "vllm-pages")
     tt.quantize_into(x, params, want, slots)  # also builds the cached constant tables
-    with launches_only(tt, ("quantize_kernel",)) as launches:
+    with launches_only(tt.launch, ("quantize_kernel",)) as launches:
         tt.quantize_into(x, params, cache, slots, validate=False)
     assert [name for name, _ in launches] == ["quantize_kernel"]
     launches[0][1]()
@@ -327,13 +327,47 @@ def test_unchecked_triton_call_is_one_launch_and_reads_nothing_back(tier):
 
 
 @pytest.mark.parametrize("tier", TRITON, ids=lambda t: t.name)
-def test_triton_int64_unravel(tier, monkeypatch):
-    """Caches of 2**31 entries or more unravel slots in int64: that path, forced on a small cache, writes
-    what the int32 path writes."""
+def test_triton_int64_unravel(tier):
+    """Caches of 2**31 entries or more unravel slots in int64: that path, forced on a small cache
+    (`LaunchConfig.int32_entries`), writes what the int32 path writes."""
+    launch = tier.module.launch
     params = _params(dict(dim=32, bits=3, qjl=True))
     x, slots = _x(tier, (*SLOTS.shape, 32), 10), _on(tier, SLOTS)
     narrow, wide = _cache(tier, params, "4d"), _cache(tier, params, "4d")
     tier.module.quantize_into(x, params, narrow, slots, validate=False)
-    monkeypatch.setattr(tier.module, "_INT32_ENTRIES", 0)
-    tier.module.quantize_into(x, params, wide, slots, validate=False)
+    rows, flat = x.reshape(-1, 32), slots.reshape(-1)
+    launch.quantize(rows, params, cap_norms=True, into=(wide, flat), config=launch.LaunchConfig(int32_entries=0))
     assert _same(wide, narrow) and not _same(wide, _cache(tier, params, "4d"))
+
+
+def _interleaved(tier: Tier, params: rq.QuantParams, norm_at: int, slot_bytes: int) -> tuple[rq.Compressed, object]:
+    """A cache whose codes and norms share one uint8 page ``(5 blocks, 2 slots, 3 heads, slot_bytes)``, as an
+    engine packs them: codes at bytes ``0..code_bytes``, the float32 norm at ``norm_at``; also the page."""
+    spec = params.spec
+    page = np.zeros((5, 2, 3, slot_bytes), dtype=np.uint8)
+    page = page if tier.device is None else torch.from_numpy(page).to(tier.device)
+
+    def as_float32(b):
+        return b.view(np.float32)[..., 0] if tier.device is None else b.view(torch.float32)[..., 0]
+
+    codes, norms = page[..., : spec.code_bytes], as_float32(page[..., norm_at : norm_at + 4])
+    cache = rq.Compressed(codes=codes, norms=norms, spec=spec, dtype="float32")
+    return _permuted(cache, (0, 2, 1)), page
+
+
+def test_fields_interleaved_in_one_page(tier):
+    """Each entry's codes and norm side by side in one slot of a uint8 page (vLLM's layout): accepted, and
+    written exactly as into separate arrays; a norm placed over the codes' bytes is refused."""
+    params = _params(dict(dim=32, bits=3))  # 12 bytes of codes
+    x = _x(tier, (*SLOTS.shape, 32), 12)
+    for validate in (True, False):
+        cache, page = _interleaved(tier, params, norm_at=16, slot_bytes=20)
+        separate = _cache(tier, params, "vllm-pages")
+        zeros = dataclasses.replace(separate, **{f: getattr(separate, f) * 0 for f in ("codes", "norms")})
+        tier.module.quantize_into(x, params, cache, _on(tier, SLOTS), validate=validate)
+        tier.module.quantize_into(x, params, zeros, _on(tier, SLOTS), validate=validate)
+        assert _same(cache, zeros)
+        assert not np.any(code_to_numpy(rq.Compressed(page[..., 12:16], page[..., 0, 0], params.spec)).codes)
+    overlapping, _ = _interleaved(tier, params, norm_at=8, slot_bytes=20)
+    with pytest.raises(ValueError, match=r"cache\.\w+: expected memory apart from cache\.\w+'s, got the two overlapping"):
+        tier.module.quantize_into(x, params, overlapping, _on(tier, SLOTS))

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import rotorquant as rq
-from rotorquant.bitpack import unpack_codes
+from rotorquant.format import unpack_codes
 from rotorquant.tiers import numpy as ref
 from tiers import SHORT, TIERS, Tier, code_to_numpy, exact_float64, to_numpy
 

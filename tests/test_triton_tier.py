@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,16 +21,18 @@ import numpy as np
 import pytest
 
 import rotorquant as rq
-from rotorquant.bitpack import unpack_codes
+from rotorquant.format import unpack_codes
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 from rotorquant.tiers import numpy as ref  # noqa: E402
 from rotorquant.tiers import triton as tt  # noqa: E402
+from rotorquant.tiers.triton import launch  # noqa: E402
+from tiers import split_attention as _split_attention  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from rotorquant.kernels.quantize import nearest_code  # noqa: E402
-from rotorquant.kernels.scores import centroid_levels  # noqa: E402
+from rotorquant.kernels.levels import centroid_levels  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cpu" if tt.INTERPRETING else "cuda"
@@ -285,7 +288,7 @@ def test_bad_inputs_raise_the_shared_errors():
     with pytest.raises(ValueError, match="code: expected a code built for"):
         tt.dequantize(code, _spec(dim=16, bits=3))
     numpy_code = ref.quantize(_np(x), params)
-    with pytest.raises(TypeError, match=r"code.codes: expected a torch.Tensor \(a code from the torch or triton tier\)"):
+    with pytest.raises(TypeError, match=r"code.codes: expected a torch.Tensor, got ndarray \(an array of the numpy tier; the triton tier was called\)"):
         tt.dequantize(numpy_code, params)
     q = _data((1, 2, 3, 16))
     k = tt.quantize(_data((1, 1, 5, 16)), params)
@@ -351,31 +354,6 @@ def _as_reference_code(code, params):
 # ---------------------------------------------------------------------------- attention
 
 
-@needs_kernels
-@pytest.mark.parametrize("splits", [1, 4])
-@pytest.mark.parametrize(
-    "k_kw, v_kw",
-    [
-        ({}, {}),
-        ({"rotation": "dense", "qjl": True}, {"dim": 70, "qjl": True, "qjl_dim": 20}),
-        ({"bits": 2}, {"dim": 33, "rotation": "dense", "bits": 4, "norm_dtype": "float16"}),
-    ],
-)
-def test_attention_split_path_gqa_and_lengths(splits, k_kw, v_kw):
-    k_kw = {"dim": 67, "bits": 3, **k_kw}
-    v_kw = {"dim": 67, "bits": 3, "seed": 1, **v_kw}
-    kp, vp = _spec(**k_kw), _spec(**v_kw)
-    batch, kv_heads, group, q_len, kv_len = 2, 2, 3, 2, 90
-    q = _data((batch, kv_heads * group, q_len, kp.spec.dim), seed=10)
-    k_code = tt.quantize(_data((batch, kv_heads, kv_len, kp.spec.dim), seed=11), kp)
-    v_code = tt.quantize(_data((batch, kv_heads, kv_len, vp.spec.dim), seed=12), vp)
-    lengths = torch.tensor([kv_len, 23])
-    got = tt._attention(q, k_code, v_code, kp, vp, scale=0.2, lengths=lengths, splits=splits)
-    assert got.shape == (batch, kv_heads * group, q_len, vp.spec.dim) and got.dtype == torch.float32
-    want = ref.attention(
-        _np(q), _as_reference_code(k_code, kp), _as_reference_code(v_code, vp), kp, vp, scale=0.2, lengths=lengths.numpy()
-    )
-    np.testing.assert_allclose(_np(got), want, atol=2e-5 * np.abs(want).max())
 
 
 @needs_kernels
@@ -389,12 +367,12 @@ def test_attention_causal_with_rows_that_see_no_key_of_a_split(splits):
     k_code = tt.quantize(_data((2, 2, 90, 40), seed=51), kp)
     v_code = tt.quantize(_data((2, 2, 90, 40), seed=52), vp)
     lengths = torch.tensor([90, 17])
-    got = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=True, splits=splits)
+    got = _split_attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=True, splits=splits)
     k_ref, v_ref = _as_reference_code(k_code, kp), _as_reference_code(v_code, vp)
     want = ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy(), causal=True)
     np.testing.assert_allclose(_np(got), want, atol=2e-5 * np.abs(want).max())
     assert not np.allclose(want, ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy()))
-    everything = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=None, causal=True, splits=splits)
+    everything = _split_attention(q, k_code, v_code, kp, vp, scale=None, lengths=None, causal=True, splits=splits)
     want = ref.attention(_np(q), k_ref, v_ref, kp, vp, causal=True)  # all 90 keys, the 3 queries the last 3
     np.testing.assert_allclose(_np(everything), want, atol=2e-5 * np.abs(want).max())
 
@@ -406,7 +384,7 @@ def test_attention_with_one_key_returns_that_value():
     k_code = tt.quantize(_data((2, 2, 40, 32), seed=21), kp)
     v_code = tt.quantize(_data((2, 2, 40, 32), seed=22), vp)
     # splits 2 and 3 start past length 1: they stay empty and must not change the result
-    got = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=torch.tensor([1, 1]), splits=3)
+    got = _split_attention(q, k_code, v_code, kp, vp, scale=None, lengths=torch.tensor([1, 1]), splits=3)
     first = tt.dequantize(v_code, vp)[:, :, 0]  # (B, Hkv, d)
     want = first.repeat_interleave(2, dim=1)[:, :, None, :]
     np.testing.assert_allclose(_np(got), _np(want), atol=1e-5)
@@ -421,7 +399,7 @@ def test_attention_half_precision_error_budget(dtype):
     q = _data((1, 4, 1, 64), seed=30, dtype=dtype)
     k_code = tt.quantize(_data((1, 2, 70, 64), seed=31, dtype=dtype), kp)
     v_code = tt.quantize(_data((1, 2, 70, 64), seed=32, dtype=dtype), vp)
-    got = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=None, splits=2)
+    got = _split_attention(q, k_code, v_code, kp, vp, scale=None, lengths=None, splits=2)
     assert got.dtype == dtype
     want = ref.attention(_np(q), _as_reference_code(k_code, kp), _as_reference_code(v_code, vp), kp, vp)
     budget = 2 * float(torch.finfo(dtype).eps) * np.abs(want) + 1e-3 * np.abs(want).max()
@@ -467,23 +445,23 @@ def test_attention_reads_caches_in_any_layout(layout, k_kw):
     assert not k_view.codes.is_contiguous()
     if layout != "strided-bytes":
         fields = (k_view.codes, k_view.norms, k_view.qjl_signs, k_view.residual_norms)
-        assert all(b is None or a.data_ptr() == b.data_ptr() for a, b in zip(tt._payload(k_view), fields))
+        assert all(b is None or a.data_ptr() == b.data_ptr() for a, b in zip(launch.payload(k_view), fields))
     lengths = torch.tensor([37, 20])
     for causal in (False, True):
-        want = tt._attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
-        got = tt._attention(q, k_view, v_view, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
+        want = _split_attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
+        got = _split_attention(q, k_view, v_view, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
         assert torch.equal(got, want)
 
 
 def test_word_reads_need_every_row_aligned():
-    """`_words`: the pointer, the row length and the stride of every dimension longer than 1 must be
+    """`launch.word_aligned`: the pointer, the row length and the stride of every dimension longer than 1 must be
     multiples of 4 bytes (size-1 dimensions may have any stride)."""
     rows = torch.zeros(2, 3, 5, 12, dtype=torch.uint8)
-    assert tt._words(rows) and tt._words(rows.permute(0, 2, 1, 3))  # head-major and token-major views
-    assert not tt._words(torch.zeros(2, 3, 15, dtype=torch.uint8)[..., :12])  # rows 15 bytes apart
-    assert not tt._words(torch.zeros(2, 3, 6, dtype=torch.uint8))  # 6-byte rows
-    assert not tt._words(_one_byte_off(rows))
-    assert tt._words(torch.zeros(1, 3, 12, dtype=torch.uint8).as_strided((1, 3, 12), (7, 12, 1)))
+    assert launch.word_aligned(rows) and launch.word_aligned(rows.permute(0, 2, 1, 3))  # head-major and token-major views
+    assert not launch.word_aligned(torch.zeros(2, 3, 15, dtype=torch.uint8)[..., :12])  # rows 15 bytes apart
+    assert not launch.word_aligned(torch.zeros(2, 3, 6, dtype=torch.uint8))  # 6-byte rows
+    assert not launch.word_aligned(_one_byte_off(rows))
+    assert launch.word_aligned(torch.zeros(1, 3, 12, dtype=torch.uint8).as_strided((1, 3, 12), (7, 12, 1)))
 
 
 def _one_byte_off(t):
@@ -507,7 +485,7 @@ def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl, dim):
     moved = dataclasses.replace(
         code, codes=_one_byte_off(code.codes), qjl_signs=_one_byte_off(code.qjl_signs) if qjl else None
     )
-    assert tt._words(code.codes) and not tt._words(moved.codes)
+    assert launch.word_aligned(code.codes) and not launch.word_aligned(moved.codes)
     q = _data((2, 4, 3, dim), seed=41)
     same = _as_reference_code(code, params)
     want_values = ref.dequantize(same, params)
@@ -563,49 +541,47 @@ import re
 import sys
 import torch
 sys.path.insert(0, "benchmarks")
-from sass_count import Recorder, compile_for_sm90
+from sass_count import compile_for_sm90, recording
 from triton.tools.disasm import get_sass
 import rotorquant as rq
-from rotorquant.tiers import triton as tt
+from rotorquant.tiers.triton import launch
 
-tt._check_device = lambda *a: None  # CPU tensors stand in for CUDA ones; nothing runs
-names = ("quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_query_kernel", "attention_split_kernel",
-         "attention_combine_kernel")
-recorders = [Recorder(getattr(tt, name)) for name in names]
-for name, recorder in zip(names, recorders):
-    setattr(tt, name, recorder)
-
-def drive(dtype, causal=False, paged=False, q_heads=8, **kw):
+def drive(dtype, causal=False, paged=False, q_heads=8, config=launch.DEFAULT, **kw):
+    # every launch the tier makes for this spec, on CPU tensors standing in for CUDA ones (nothing runs)
     p = rq.build_params(rq.QuantizerSpec(**kw))
     spec, n = p.spec, 64
-    codes, norms, raw, signs, res = tt._quantize_rows(torch.zeros(n, spec.dim, dtype=dtype), p)
+    codes, norms, raw, signs, res = launch.quantize(torch.zeros(n, spec.dim, dtype=dtype), p)
     if paged:  # and unchecked quantize, whose kernel caps the norms
-        tt._quantize_rows(torch.zeros(n, spec.dim, dtype=dtype), p, cap_norms=True)
+        launch.quantize(torch.zeros(n, spec.dim, dtype=dtype), p, cap_norms=True)
     norms = torch.ones(n, dtype=torch.float16 if spec.norm_dtype.value == "float16" else torch.float32)
     f = dict(codes=codes, norms=norms, qjl_signs=signs, residual_norms=norms.clone() if spec.qjl else None)
     code = rq.Compressed(spec=spec, dtype=str(dtype)[6:], **f)
-    tt.dequantize(code, p)
-    tt.scores(torch.zeros(3, spec.dim, dtype=dtype), code, p)
+    launch.dequantize(code, p, dtype)
+    launch.scores(torch.zeros(3, spec.dim, dtype=dtype), code, p, ())
     cache = rq.Compressed(spec=spec, dtype=code.dtype, **{k: None if v is None else v.reshape(2, 2, 16, *v.shape[1:]) for k, v in f.items()})
-    tt.attention(torch.zeros(2, q_heads, 2, spec.dim, dtype=dtype), cache, cache, p, p, causal=causal)
-    tt.quantize_into(torch.zeros(2, 2, spec.dim, dtype=dtype), p, cache, torch.tensor([[0, 5], [-1, 63]]), validate=False)
+    lengths = torch.tensor([16, 16], dtype=torch.int32)
+    launch.attention(torch.zeros(2, q_heads, 2, spec.dim, dtype=dtype), cache, cache, p, p, scale=0.125, lengths=lengths,
+                     causal=causal)  # fmt: skip
+    slots = torch.tensor([0, 5, -1, 63])
+    launch.quantize(torch.zeros(4, spec.dim, dtype=dtype), p, cap_norms=True, into=(cache, slots), config=config)
     if paged:  # the cache as 2 blocks of 16 keys, each sequence reading both (int64 table and lengths)
-        tt.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, block_table=torch.tensor([[1, 0], [0, 1]]),
-                     lengths=torch.tensor([32, 5]))  # fmt: skip
+        launch.attention(torch.zeros(2, 8, 2, spec.dim, dtype=dtype), cache, cache, p, p, scale=0.125,
+                         table=torch.tensor([[1, 0], [0, 1]]), lengths=torch.tensor([32, 5]))  # fmt: skip
 
-drive(torch.float16, dim=128, bits=3, causal=True, paged=True)
-drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
-drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
-drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
-drive(torch.float16, dim=64, bits=5, qjl=True, qjl_dim=32)
-drive(torch.bfloat16, dim=256, bits=4, qjl=True, q_heads=64)  # 64 query rows per KV head
-tt._INT32_ENTRIES = 0  # quantize_into's int64 unravel, for caches past 2**31 entries
-drive(torch.float32, dim=128, bits=3, qjl=True)
-variants = {repr((r.fn.__name__, launch)): (r.fn, launch) for r in recorders for launch in r.launches}
-for fn, launch in variants.values():
-    k = compile_for_sm90(fn, launch)
+with recording() as recorders:
+    drive(torch.float16, dim=128, bits=3, causal=True, paged=True)
+    drive(torch.float32, dim=128, bits=3, rotation="dense", qjl=True)
+    drive(torch.bfloat16, dim=67, bits=8, norm_correction=True, norm_dtype="float16")
+    drive(torch.float64, dim=130, bits=2, qjl=True, qjl_dim=40)
+    drive(torch.float16, dim=64, bits=5, qjl=True, qjl_dim=32)
+    drive(torch.bfloat16, dim=256, bits=4, qjl=True, q_heads=64)  # 64 query rows per KV head
+    # quantize_into's int64 unravel, for caches past 2**31 entries
+    drive(torch.float32, dim=128, bits=3, qjl=True, config=launch.LaunchConfig(int32_entries=0))
+variants = {repr((r.fn.__name__, l.signature, l.constexprs, l.attrs, l.options)): l for r in recorders.values() for l in r.launches}
+for l in variants.values():
+    k = compile_for_sm90(l)
     spills = len(re.findall(r"\b(?:STL|LDL)\b", get_sass(k.asm["cubin"])))
-    print(fn.__name__, "spills", spills, "shared", k.metadata.shared)
+    print(l.fn.__name__, "spills", spills, "shared", k.metadata.shared)
 """
 
 
@@ -638,22 +614,26 @@ def test_kernels_compile_for_a_gpu(tmp_path):
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="triton's bundled ptxas is missing")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="compiles for sm_90 on machines without a GPU")
 def test_sass_count_benchmark_finds_the_key_loop(tmp_path):
-    """`benchmarks/sass_count.py` compiles the attention and quantize launches for sm_90 and reports the
-    attention key loop and the quantize kernel, with per-code figures that follow from the counts."""
+    """`benchmarks/sass_count.py` compiles the attention and quantize launches for sm_90 and prints one
+    comparable line per loop, with per-code figures that follow from the counts it reports."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _pythonpath()
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     script = os.path.join(ROOT, "benchmarks", "sass_count.py")
-    done = subprocess.run([sys.executable, script, "--bits", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, script, "--bits", "3", "--dims", "128"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
-    row = [line for line in done.stdout.splitlines() if line.startswith("| 3 |")]
-    assert len(row) == 1, done.stdout
-    bits, block_n, warps, loop, per_code = (cell.strip() for cell in row[0].split("|")[1:6])
-    want = int(loop) * int(warps) * 32 / (2 * int(block_n) * 128)
-    assert int(loop) > 100 and float(per_code) == pytest.approx(want, abs=0.0501)  # printed to 0.1
+    line = re.compile(r"^sass: attention loop, bits=3, head_dim=128, packing=contiguous: (\d+\.\d) instructions per "
+                      r"code \(BLOCK_N (\d+), (\d+) warps, (\d+) loop instructions")  # fmt: skip
+    found = [line.match(x) for x in done.stdout.splitlines() if line.match(x)]
+    assert len(found) == 1, done.stdout
+    per_code, block_n, warps, loop = found[0].groups()
+    assert int(loop) > 100 and float(per_code) == pytest.approx(int(loop) * int(warps) * 32 / (2 * int(block_n) * 128), abs=0.0501)
     for rotation in ("rotor", "dense"):
-        row = [line for line in done.stdout.splitlines() if line.startswith(f"| {rotation} |")]
-        assert len(row) == 1, done.stdout
-        block_n, warps, count, per_coord = (cell.strip() for cell in row[0].split("|")[2:6])
+        line = re.compile(rf"^sass: quantize, bits=3, head_dim=128, rotation={rotation}: (\d+\.\d) instructions per "
+                          r"coordinate \((\d+) vectors per program, (\d+) warps, (\d+) instructions")  # fmt: skip
+        found = [line.match(x) for x in done.stdout.splitlines() if line.match(x)]
+        assert len(found) == 1, done.stdout
+        per_coord, block_n, warps, count = found[0].groups()
         want = int(count) * int(warps) * 32 / (int(block_n) * 128)
-        assert int(count) > 100 and float(per_coord) == pytest.approx(want, abs=0.0501)  # printed to 0.1
+        assert int(count) > 100 and float(per_coord) == pytest.approx(want, abs=0.0501)

@@ -315,7 +315,7 @@ def test_unchecked_triton_attention_is_three_launches(tier, paged, dtype):
                           for c in (k_code, v_code))  # fmt: skip
     want = tt.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=True, **table)
     kernels = ("attention_query_kernel", "attention_split_kernel", "attention_combine_kernel")
-    with launches_only(tt, kernels) as launches:
+    with launches_only(tt.launch, kernels) as launches:
         got = tt.attention(q, k_code, v_code, kp, vp, lengths=lengths, causal=True, validate=False, **table)
     assert tuple(name for name, _ in launches) == kernels
     for _, launch in launches:

@@ -119,3 +119,20 @@ def _discover() -> list[Tier]:
 
 TIERS = _discover()
 TORCH_TIERS = [t for t in TIERS if t.name.startswith("torch")]
+
+
+def split_attention(q, k_code, v_code, kp, vp, *, scale, lengths, splits, causal=False, block_table=None):
+    """The Triton tier's checked attention with the number of key splits forced
+    (`rotorquant.tiers.triton.launch.LaunchConfig.splits`)."""
+    from rotorquant.engine import attention as engine_attention
+    from rotorquant.tiers import triton as tt
+    from rotorquant.tiers.triton import launch
+
+    r = engine_attention.prepare(
+        tt.TENSORS, q, k_code, v_code, kp, vp, scale=scale, lengths=lengths, causal=causal, validate=True,
+        block_table=block_table,
+    )  # fmt: skip
+    return launch.attention(
+        r.q, r.k_code, r.v_code, kp, vp, scale=r.scale, lengths=r.lengths, causal=r.causal, table=r.table,
+        config=launch.LaunchConfig(splits=splits),
+    )  # fmt: skip

@@ -42,7 +42,7 @@ except ImportError as exc:
     ) from exc
 
 from ..calibration import Calibration, calibrate
-from ..compressed import PAYLOAD_FIELDS, Compressed
+from ..format import PAYLOAD_FIELDS, Compressed
 from ..quantizer import Quantizer, Tier
 from ..spec import QuantizerSpec
 

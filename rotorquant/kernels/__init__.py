@@ -1,7 +1,7 @@
 """Triton kernels behind `rotorquant.tiers.triton` (one concept per module).
 
 - `bitpack`: ``@triton.jit`` helpers that read and write the packed code format of
-  `rotorquant.bitpack` inside a kernel.
+  `rotorquant.format` inside a kernel.
 - `quantize`: fused norm -> rotation -> nearest centroid -> bit-pack (-> QJL sketch).
 - `dequantize`: fused unpack -> centroids -> inverse rotation -> scale (+ QJL term).
 - `scores`: ``q . x_hat`` straight from packed codes, in the rotated domain.

@@ -33,7 +33,7 @@ value weights ``p_n v_n`` by their block max first, so float16 operands lie in [
 import triton
 import triton.language as tl
 
-from .scores import load_levels, load_signs
+from .levels import load_levels, load_signs
 
 
 @triton.jit
@@ -115,59 +115,127 @@ def _rows_times(
 
 
 @triton.jit
+def _field_rows(
+    fields,  # (codes, norms, signs, res_norms) pointers of one side's cache
+    strides,  # their (batch, head, key) element strides: 12 values, field by field
+    seq,  # int64 sequence index (0 for a paged cache, whose blocks carry the sequence)
+    h,  # int64 KV head
+):
+    """Each field's pointer advanced to sequence ``seq`` and head ``h``."""
+    return (
+        fields[0] + seq * strides[0] + h * strides[1],
+        fields[1] + seq * strides[3] + h * strides[4],
+        fields[2] + seq * strides[6] + h * strides[7],
+        fields[3] + seq * strides[9] + h * strides[10],
+    )
+
+
+@triton.jit
+def _key_slots(
+    keys,  # (BLOCK_N,) logical key indices
+    k_ok,  # (BLOCK_N,) bool: which keys to read
+    table,  # paged: (table_ptr, row stride, num_blocks) of sequence b's block table row
+    b,  # int64 sequence index
+    PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
+):
+    """``(outer, n, bad)``: key ``keys[i]`` lies at ``outer * s_b + n * s_n`` past its head's row, ``outer`` a
+    block id (paged: key n is slot ``n % PAGE`` of block ``table[b, n // PAGE]``) or 0, and ``bad`` marks the
+    keys whose block id is out of range (block 0 is read in their place)."""
+    if PAGE:
+        table_ptr, row_stride, num_blocks = table
+        blk = tl.load(table_ptr + b * row_stride + keys // PAGE, mask=k_ok, other=0)
+        blk_ok = (blk >= 0) & (blk < num_blocks)
+        return tl.where(blk_ok, blk, 0).to(tl.int64), (keys % PAGE).to(tl.int64), k_ok & ~blk_ok
+    else:
+        return tl.zeros_like(keys).to(tl.int64), keys.to(tl.int64), keys < 0
+
+
+@triton.jit
+def _levels_at(
+    rows,  # (codes, norms, signs, res_norms) pointers at one head (`_field_rows`)
+    strides,  # the fields' (batch, head, key) strides
+    outer,  # (BLOCK_N,) int64 block of each key (0 unless paged)
+    n,  # (BLOCK_N,) int64 key (or slot) index
+    k_ok,  # (BLOCK_N,) bool: which keys exist
+    cent_ptr,  # (2**BITS,) CDT centroids
+    d,  # coordinates per vector
+    m,  # QJL projections
+    code_bytes: tl.constexpr,  # ceil(d * BITS / 8)
+    BITS: tl.constexpr,  # bits per code
+    QJL: tl.constexpr,  # vectors carry a QJL sketch
+    CDT: tl.constexpr,  # compute dtype
+    DOT_DTYPE: tl.constexpr,  # dtype of the levels and signs (tl.dot operands)
+    BLOCK_N: tl.constexpr,  # keys
+    BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
+    BLOCK_M: tl.constexpr,  # power of two >= max(m, 16)
+    WORDS: tl.constexpr,  # packed rows start 4-byte aligned, whole 32-bit words long
+):
+    """``(levels (BLOCK_N, BLOCK_D), norms (BLOCK_N,), signs (BLOCK_N, BLOCK_M), residual norms (BLOCK_N,))``
+    of a block of cached vectors; the QJL pair is ``(levels, norms)`` again without QJL."""
+    codes, norms, signs, res = rows
+    level = load_levels(
+        codes + outer * strides[0] + n * strides[2], k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D,
+        DOT_DTYPE, WORDS,
+    )  # fmt: skip
+    norm = tl.load(norms + outer * strides[3] + n * strides[5], mask=k_ok, other=0.0).to(CDT)
+    if QJL:
+        z = load_signs(
+            signs + outer * strides[6] + n * strides[8], k_ok, (m + 7) // 8, m, BLOCK_N, BLOCK_M, DOT_DTYPE, WORDS
+        )
+        rho = tl.load(res + outer * strides[9] + n * strides[11], mask=k_ok, other=0.0).to(CDT)
+        return level, norm, z, rho
+    else:
+        return level, norm, level, norm
+
+
+@triton.jit
+def _weighted(
+    p,  # (BLOCK_Q, BLOCK_N) CDT softmax weights
+    w,  # (BLOCK_N,) CDT per-key factors (value norms, or residual norms)
+    DOT_DTYPE: tl.constexpr,  # operand dtype of the tl.dot that follows
+):
+    """``(p * w / w_max, w_max)``: the weights scaled by per-key factors divided by their block max (1 if all
+    are zero), so float16 operands lie in [-1, 1]."""
+    big = tl.max(w, axis=0)
+    big = tl.where(big > 0, big, 1.0)
+    return (p * (w / big)[None, :]).to(DOT_DTYPE), big
+
+
+@triton.jit
 def attention_split_kernel(
-    qrot_ptr,  # (BH, R, BLOCK_DK) CDT pre-scaled rotated queries, zero-padded
-    qsk_ptr,  # K QJL: (BH, R, BLOCK_MK) CDT pre-scaled query sketches, zero-padded
-    # The eight payload fields below are (batch, KV head, key)-indexed, each with its own element strides
-    # (s_b, s_h, s_n) given as *_sb, *_sh, *_sn (any layout: head-major, token-major, a slice of a
-    # bigger cache); a row's packed bytes are contiguous. Paged (PAGE > 0): (block, KV head, slot) instead,
-    # key n of sequence b in slot n % PAGE of block table[b, n // PAGE].
-    k_codes_ptr,  # (B, Hkv, N, k_code_bytes) uint8
-    k_norms_ptr,  # (B, Hkv, N) stored key norms
-    k_signs_ptr,  # K QJL: (B, Hkv, N, k_sign_bytes) uint8
-    k_res_ptr,  # K QJL: (B, Hkv, N) key residual norms
-    k_cent_ptr,  # (2**K_BITS,) CDT key centroids
-    v_codes_ptr,  # (B, Hkv, N, v_code_bytes) uint8
-    v_norms_ptr,  # (B, Hkv, N) stored value norms
-    v_signs_ptr,  # V QJL: (B, Hkv, N, v_sign_bytes) uint8
-    v_res_ptr,  # V QJL: (B, Hkv, N) value residual norms
-    v_cent_ptr,  # (2**V_BITS,) CDT value centroids
-    kc_sb, kc_sh, kc_sn,  # strides of k_codes (bytes)
-    kn_sb, kn_sh, kn_sn,  # strides of k_norms (elements)
-    ks_sb, ks_sh, ks_sn,  # strides of k_signs (bytes)
-    kr_sb, kr_sh, kr_sn,  # strides of k_res (elements)
-    vc_sb, vc_sh, vc_sn,  # strides of v_codes (bytes)
-    vn_sb, vn_sh, vn_sn,  # strides of v_norms (elements)
-    vs_sb, vs_sh, vs_sn,  # strides of v_signs (bytes)
-    vr_sb, vr_sh, vr_sn,  # strides of v_res (elements)
+    queries,  # (q_rot, q_sketch): (BH, R, BLOCK_DK) CDT pre-scaled rotated queries, zero-padded, and with
+    # K QJL (BH, R, BLOCK_MK) CDT pre-scaled query sketches, zero-padded
+    k_cache,  # K's (codes, norms, signs, res_norms, centroids): codes (B, Hkv, N, k_code_bytes) uint8, norms
+    # (B, Hkv, N), K QJL: signs (B, Hkv, N, ceil(mk / 8)) uint8 and residual norms (B, Hkv, N); centroids
+    # (2**K_BITS,) CDT. Paged (PAGE > 0): (block, KV head, slot) instead of (batch, KV head, key)
+    k_strides,  # (batch, head, key) element strides of K's four fields, 12 values (any layout: head-major,
+    # token-major, a slice of a bigger cache; a row's packed bytes contiguous)
+    v_cache,  # V's (codes, norms, signs, res_norms, centroids), as k_cache
+    v_strides,  # V's 12 strides, as k_strides
     lengths_ptr,  # (batch,) int32 or int64 keys to attend to per sequence (any value: see load_length)
-    table_ptr,  # paged: (batch, max_blocks) int32 or int64 block table, row stride table_stride, unit column stride
-    table_stride,  # paged: elements between the block table's rows
-    num_blocks,  # paged: blocks in the cache; an id outside 0..num_blocks - 1 makes the sequence NaN
-    mx_ptr,  # (BH, SPLITS, R) CDT output: running max (base 2), -inf for an empty split
-    l_ptr,  # (BH, SPLITS, R) CDT output: softmax denominator
-    acc_ptr,  # (BH, SPLITS, R, BLOCK_DV) CDT output: rotated-domain value sum
-    accq_ptr,  # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT output: sum of p rho z
+    table,  # paged: (table_ptr, row stride, num_blocks): (batch, max_blocks) int32 or int64 block table with a
+    # unit column stride; an id outside 0..num_blocks - 1 where keys lie makes the sequence NaN
+    partials,  # outputs (mx, denom, acc, acc_qjl): (BH, SPLITS, R) CDT running max (base 2), -inf for an empty
+    # split; (BH, SPLITS, R) CDT softmax denominator; (BH, SPLITS, R, BLOCK_DV) CDT rotated-domain value sum;
+    # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT sum of p rho z
     kv_heads,  # KV heads (bh // kv_heads is the batch index)
     N,  # cache length (keys per head)
     R,  # query rows per KV head: group * q_len (row g * q_len + t is query t of the group's head g)
     q_len,  # queries per sequence
     split_len,  # keys per split (a multiple of BLOCK_N)
+    splits,  # number of key splits
     dk: tl.constexpr,  # key dimension
     dv: tl.constexpr,  # value dimension
     mk,  # K QJL projections
     mv,  # V QJL projections
     k_code_bytes: tl.constexpr,  # ceil(dk * K_BITS / 8)
     v_code_bytes: tl.constexpr,  # ceil(dv * V_BITS / 8)
-    k_sign_bytes,  # ceil(mk / 8)
-    v_sign_bytes,  # ceil(mv / 8)
     K_BITS: tl.constexpr,  # key bits per code
     V_BITS: tl.constexpr,  # value bits per code
     K_QJL: tl.constexpr,  # keys carry a QJL sketch
     V_QJL: tl.constexpr,  # values carry a QJL sketch
     CAUSAL: tl.constexpr,  # query t sees only the first length - (q_len - 1 - t) keys
     PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
-    splits,  # number of key splits
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_DTYPE: tl.constexpr,  # tl.float16 (half-precision queries) or CDT: operand dtype of the tl.dots
     DOT_PRECISION: tl.constexpr,  # input_precision of float32 dots ("tf32x3" or "ieee"); ignored for float16
@@ -180,6 +248,8 @@ def attention_split_kernel(
     K_WORDS: tl.constexpr,  # K's packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
     V_WORDS: tl.constexpr,  # V's packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
 ):
+    qrot_ptr, qsk_ptr = queries
+    mx_ptr, l_ptr, acc_ptr, accq_ptr = partials
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // kv_heads, bh % kv_heads
     split = tl.program_id(1)
@@ -202,18 +272,9 @@ def attention_split_kernel(
         sk = sk.to(DOT_DTYPE)
 
     # this head's rows of each field (and this sequence's, unless paged)
-    if PAGE:
-        seq = tl.zeros((), dtype=tl.int64)
-    else:
-        seq = b
-    kc = k_codes_ptr + seq * kc_sb + h * kc_sh
-    kn_at = k_norms_ptr + seq * kn_sb + h * kn_sh
-    ks = k_signs_ptr + seq * ks_sb + h * ks_sh
-    kr = k_res_ptr + seq * kr_sb + h * kr_sh
-    vc = v_codes_ptr + seq * vc_sb + h * vc_sh
-    vn_at = v_norms_ptr + seq * vn_sb + h * vn_sh
-    vs = v_signs_ptr + seq * vs_sb + h * vs_sh
-    vr = v_res_ptr + seq * vr_sb + h * vr_sh
+    seq = tl.zeros((), dtype=tl.int64) if PAGE else b
+    k_rows = _field_rows(k_cache, k_strides, seq, h)
+    v_rows = _field_rows(v_cache, v_strides, seq, h)
     bad_ids = tl.zeros((BLOCK_N,), dtype=tl.int32)  # paged: keys whose block id is out of range
 
     mx = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
@@ -223,27 +284,15 @@ def attention_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         k_ok = keys < end
-        if PAGE:  # key n: slot n % PAGE of block table[b, n // PAGE] (block 0 stands in for a bad id)
-            blk = tl.load(table_ptr + b * table_stride + keys // PAGE, mask=k_ok, other=0)
-            blk_ok = (blk >= 0) & (blk < num_blocks)
-            bad_ids += (k_ok & ~blk_ok).to(tl.int32)
-            outer = tl.where(blk_ok, blk, 0).to(tl.int64)
-            n = (keys % PAGE).to(tl.int64)
-        else:  # key n: n * s_n past the sequence's row
-            outer = tl.zeros((BLOCK_N,), dtype=tl.int64)
-            n = keys.to(tl.int64)
+        outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE)
+        bad_ids += bad.to(tl.int32)
         # logits of this key block (base 2)
-        level = load_levels(
-            kc + outer * kc_sb + n * kc_sn, k_ok, k_code_bytes, k_cent_ptr, dk, K_BITS,
-            BLOCK_N, BLOCK_DK, DOT_DTYPE, K_WORDS,
+        level, kn, z, rho = _levels_at(
+            k_rows, k_strides, outer, n, k_ok, k_cache[4], dk, mk, k_code_bytes, K_BITS, K_QJL, CDT, DOT_DTYPE,
+            BLOCK_N, BLOCK_DK, BLOCK_MK, K_WORDS,
         )  # fmt: skip
-        kn = tl.load(kn_at + outer * kn_sb + n * kn_sn, mask=k_ok, other=0.0).to(CDT)
         t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * q_max[:, None] * kn[None, :]
         if K_QJL:
-            z = load_signs(
-                ks + outer * ks_sb + n * ks_sn, k_ok, k_sign_bytes, mk, BLOCK_N, BLOCK_MK, DOT_DTYPE, K_WORDS
-            )
-            rho = tl.load(kr + outer * kr_sb + n * kr_sn, mask=k_ok, other=0.0).to(CDT)
             t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
         if CAUSAL:
             t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
@@ -261,23 +310,14 @@ def attention_split_kernel(
         denom = denom * alpha + tl.sum(p, axis=1)
         mx = mx_new
         # values, in V's rotated domain
-        vlevel = load_levels(
-            vc + outer * vc_sb + n * vc_sn, k_ok, v_code_bytes, v_cent_ptr, dv, V_BITS,
-            BLOCK_N, BLOCK_DV, DOT_DTYPE, V_WORDS,
+        vlevel, vn, vz, vrho = _levels_at(
+            v_rows, v_strides, outer, n, k_ok, v_cache[4], dv, mv, v_code_bytes, V_BITS, V_QJL, CDT, DOT_DTYPE,
+            BLOCK_N, BLOCK_DV, BLOCK_MV, V_WORDS,
         )  # fmt: skip
-        vn = tl.load(vn_at + outer * vn_sb + n * vn_sn, mask=k_ok, other=0.0).to(CDT)
-        v_big = tl.max(vn, axis=0)
-        v_big = tl.where(v_big > 0, v_big, 1.0)
-        pv = (p * (vn / v_big)[None, :]).to(DOT_DTYPE)
+        pv, v_big = _weighted(p, vn, DOT_DTYPE)
         acc = acc * alpha[:, None] + tl.dot(pv, vlevel, input_precision=DOT_PRECISION) * v_big
         if V_QJL:
-            vz = load_signs(
-                vs + outer * vs_sb + n * vs_sn, k_ok, v_sign_bytes, mv, BLOCK_N, BLOCK_MV, DOT_DTYPE, V_WORDS
-            )
-            vrho = tl.load(vr + outer * vr_sb + n * vr_sn, mask=k_ok, other=0.0).to(CDT)
-            r_big = tl.max(vrho, axis=0)
-            r_big = tl.where(r_big > 0, r_big, 1.0)
-            pr = (p * (vrho / r_big)[None, :]).to(DOT_DTYPE)
+            pr, r_big = _weighted(p, vrho, DOT_DTYPE)
             accq = accq * alpha[:, None] + tl.dot(pr, vz, input_precision=DOT_PRECISION) * r_big
 
     if PAGE:  # a bad block id where this split's keys lie: the split's denominator NaN makes the rows NaN
@@ -292,10 +332,9 @@ def attention_split_kernel(
 
 @triton.jit
 def attention_combine_kernel(
-    mx_ptr,  # (BH, SPLITS, R) CDT running maxima of pass 1
-    l_ptr,  # (BH, SPLITS, R) CDT denominators of pass 1
-    acc_ptr,  # (BH, SPLITS, R, BLOCK_DV) CDT rotated-domain value sums
-    accq_ptr,  # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT sums of p rho z
+    partials,  # pass 1's (mx, denom, acc, acc_qjl): (BH, SPLITS, R) CDT running maxima; (BH, SPLITS, R) CDT
+    # denominators; (BH, SPLITS, R, BLOCK_DV) CDT rotated-domain value sums; V QJL: (BH, SPLITS, R, BLOCK_MV)
+    # CDT sums of p rho z
     rot_ptr,  # (BLOCK_DV, BLOCK_DV) CDT V's rotation matrix R_V zero-padded (x = y @ R_V)
     smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT sqrt(pi/2) / mv * S_V zero-padded (scaled on the host)
     out_ptr,  # (BH, R, dv) output in the query dtype (float32 for bfloat16 under the interpreter, see _store_dtype)
@@ -314,6 +353,7 @@ def attention_combine_kernel(
     BLOCK_C: tl.constexpr,  # output coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_DV
     BLOCK_MV: tl.constexpr,  # power of two >= max(mv, 16)
 ):
+    mx_ptr, l_ptr, acc_ptr, accq_ptr = partials
     bh = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < R

@@ -11,8 +11,8 @@ For a row with codes ``k``, stored norm ``s`` and, with QJL, signs ``z`` and res
 import triton
 import triton.language as tl
 
-from .bitpack import gather_codes
-from .scores import centroid_levels, load_levels, load_signs
+from .bitstream import gather_codes
+from .levels import centroid_levels, load_levels, load_signs
 
 
 @triton.jit

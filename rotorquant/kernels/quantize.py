@@ -15,14 +15,14 @@ One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for f
 
 The coordinates are processed in chunks of ``BLOCK_C`` (a multiple of 8, so each chunk packs
 into whole bytes). With ``SLOTS`` the results go straight into a cache's fields at the entries
-``slots`` names (`rotorquant.cache_slots`), norms rounded to the cache's norm dtype in the kernel.
+``slots`` names (`rotorquant.engine.slots`), norms rounded to the cache's norm dtype in the kernel.
 """
 
 import triton
 import triton.language as tl
 
-from .bitpack import store_codes
-from .scores import centroid_levels
+from .bitstream import store_codes
+from .levels import centroid_levels
 
 
 @triton.jit
@@ -94,21 +94,40 @@ def _as_stored(
 
 
 @triton.jit
-def _entry(
-    slot,  # (ROWS,) int64 flat entry indices in 0 .. entries - 1
-    size1: tl.constexpr,  # L1
-    size2: tl.constexpr,  # L2
-    size3: tl.constexpr,  # L3
+def _dot4(
+    i,  # (i0, i1, i2, i3) int64 indices
+    st,  # (s0, s1, s2, s3) strides
+):
+    """``i0 * s0 + i1 * s1 + i2 * s2 + i3 * s3``."""
+    return i[0] * st[0] + i[1] * st[1] + i[2] * st[2] + i[3] * st[3]
+
+
+@triton.jit
+def slot_offsets(
+    slots_ptr,  # (n,) int32 or int64 flat entry index of each vector
+    rows,  # (ROWS,) vector indices
+    row_ok,  # (ROWS,) bool: which vectors exist
+    SHAPE: tl.constexpr,  # (L1, L2, L3): the cache's leading sizes after the first (constants: cheap division)
+    entries,  # L0 * L1 * L2 * L3
+    strides,  # 16 strides over (L0, L1, L2, L3): codes (bytes), norms, signs (bytes), residual norms
     INDEX: tl.constexpr,  # tl.int32 when every index fits it (fewer than 2**31 entries), else tl.int64
 ):
-    """``(i0, i1, i2, i3)`` int64: the row-major indices of entry ``slot`` over ``(L0, L1, L2, L3)``,
-    ``slot = ((i0 * L1 + i1) * L2 + i2) * L3 + i3``, divided by constants in ``INDEX``."""
-    e = slot.to(INDEX)
-    i3 = e % size3
-    e = e // size3
-    i2 = e % size2
-    e = e // size2
-    return (e // size1).to(tl.int64), (e % size1).to(tl.int64), i2.to(tl.int64), i3.to(tl.int64)
+    """``(put, code_at, norm_at, sign_at, res_at)``: which vectors have a slot in ``0..entries - 1``, and the
+    element offsets of their entry in each field. Entry ``slot = ((i0 * L1 + i1) * L2 + i2) * L3 + i3``
+    is unraveled by divisions by the constants ``L3, L2, L1`` in ``INDEX``."""
+    slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
+    put = row_ok & (slot >= 0) & (slot < entries)
+    e = tl.where(put, slot, 0).to(INDEX)
+    i3 = e % SHAPE[2]
+    e = e // SHAPE[2]
+    i2 = e % SHAPE[1]
+    e = e // SHAPE[1]
+    i = ((e // SHAPE[0]).to(tl.int64), (e % SHAPE[0]).to(tl.int64), i2.to(tl.int64), i3.to(tl.int64))
+    code_at = _dot4(i, (strides[0], strides[1], strides[2], strides[3]))
+    norm_at = _dot4(i, (strides[4], strides[5], strides[6], strides[7]))
+    sign_at = _dot4(i, (strides[8], strides[9], strides[10], strides[11]))
+    res_at = _dot4(i, (strides[12], strides[13], strides[14], strides[15]))
+    return put, code_at, norm_at, sign_at, res_at
 
 
 @triton.jit
@@ -117,28 +136,22 @@ def quantize_kernel(
     stride_x,  # elements between consecutive rows of x
     n,  # number of vectors
     d: tl.constexpr,  # vector dimension
-    codes_ptr,  # (n, code_bytes) uint8 output: packed codes (SLOTS: the cache's)
+    out,  # output pointers (codes, norms, raw_norms, signs, res_norms):
+    # codes (n, code_bytes) uint8 packed codes; norms (n,) the stored norm (s, or s / ||c[k]|| with
+    # NORM_CORRECTION); raw_norms (n,) s = ||x|| (written only with NORM_CORRECTION and not SLOTS);
+    # QJL: signs (n, sign_bytes) uint8 packed sign bits of S r, res_norms (n,) ||r||. Rows are contiguous,
+    # CDT norms; with SLOTS they are a cache's fields (any strides, the cache's norm dtype)
+    tables,  # CDT constants (rot, boundaries, centroids, proj): rot = DENSE: (BLOCK_D, BLOCK_D) R^T
+    # zero-padded, rotor: (3, BLOCK_D) weights W; boundaries (2**BITS - 1,); centroids (2**BITS,);
+    # QJL: proj (BLOCK_D, BLOCK_M) (S Rot^T)^T zero-padded
     code_bytes: tl.constexpr,  # ceil(d * BITS / 8)
-    norms_ptr,  # (n,) CDT output: the stored norm (s, or s / ||c[k]|| with NORM_CORRECTION) (SLOTS: the cache's)
-    raw_norms_ptr,  # (n,) CDT output: s = ||x|| (written only with NORM_CORRECTION)
-    rot_ptr,  # DENSE: (BLOCK_D, BLOCK_D) CDT R^T zero-padded; rotor: (3, BLOCK_D) weights W
-    bnd_ptr,  # (2**BITS - 1,) CDT boundaries
-    cent_ptr,  # (2**BITS,) CDT centroids
-    proj_ptr,  # QJL: (BLOCK_D, BLOCK_M) CDT (S Rot^T)^T zero-padded
-    signs_ptr,  # QJL: (n, sign_bytes) uint8 output: packed sign bits of S r (SLOTS: the cache's)
-    sign_bytes,  # QJL: ceil(m / 8)
-    res_norms_ptr,  # QJL: (n,) CDT output: ||r|| (SLOTS: the cache's)
     m,  # QJL: number of projections
-    # SLOTS: the outputs are the fields of a cache of leading shape (L0, L1, L2, L3) (padded in front with
-    # 1s), each with its own element strides over those dims; vector i goes to the entry whose row-major
-    # flat index is slots[i], and a slot outside 0..entries - 1 writes nothing
+    # SLOTS: vector i goes to the cache entry whose row-major flat index over its leading shape
+    # (L0, L1, L2, L3) (padded in front with 1s) is slots[i]; a slot outside 0..entries - 1 writes nothing
     slots_ptr,  # SLOTS: (n,) int32 or int64 flat entry index of each vector
-    size1: tl.constexpr, size2: tl.constexpr, size3: tl.constexpr,  # SLOTS: L1, L2, L3 (constants: cheap division)
+    SHAPE: tl.constexpr,  # SLOTS: (L1, L2, L3)
     entries,  # SLOTS: L0 * L1 * L2 * L3
-    codes_s0, codes_s1, codes_s2, codes_s3,  # SLOTS: strides of the cache's codes (bytes)
-    norms_s0, norms_s1, norms_s2, norms_s3,  # SLOTS: strides of its norms (elements)
-    signs_s0, signs_s1, signs_s2, signs_s3,  # SLOTS and QJL: strides of its sign bytes (bytes)
-    res_s0, res_s1, res_s2, res_s3,  # SLOTS and QJL: strides of its residual norms (elements)
+    strides,  # SLOTS: 16 element strides over (L0, L1, L2, L3): codes (bytes), norms, signs (bytes), res_norms
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
     BITS: tl.constexpr,  # bits per code (spec.mse_bits)
@@ -154,17 +167,14 @@ def quantize_kernel(
     BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
 ):
+    codes_ptr, norms_ptr, raw_norms_ptr, signs_ptr, res_norms_ptr = out
+    rot_ptr, bnd_ptr, cent_ptr, proj_ptr = tables
+    sign_bytes = (m + 7) // 8
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
     rows64 = rows.to(tl.int64)
     if SLOTS:
-        slot = tl.load(slots_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-        put = row_ok & (slot >= 0) & (slot < entries)
-        i0, i1, i2, i3 = _entry(tl.where(put, slot, 0), size1, size2, size3, SLOT_INDEX)
-        code_at = i0 * codes_s0 + i1 * codes_s1 + i2 * codes_s2 + i3 * codes_s3
-        norm_at = i0 * norms_s0 + i1 * norms_s1 + i2 * norms_s2 + i3 * norms_s3
-        sign_at = i0 * signs_s0 + i1 * signs_s1 + i2 * signs_s2 + i3 * signs_s3
-        res_at = i0 * res_s0 + i1 * res_s1 + i2 * res_s2 + i3 * res_s3
+        put, code_at, norm_at, sign_at, res_at = slot_offsets(slots_ptr, rows, row_ok, SHAPE, entries, strides, SLOT_INDEX)
     else:
         put = row_ok
         code_at = rows64 * code_bytes

@@ -28,20 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import cache_slots, checks, paging
-from ..compressed import PAYLOAD_FIELDS, Compressed
+from .. import checks
+from ..engine import attention as engine_attention
+from ..engine import slots as engine_slots
+from ..format import PAYLOAD_FIELDS, Compressed
 from ..params import QuantParams
-from ..torch_checks import (
-    NORM_DTYPES,
-    as_slots,
-    check_block_table_dtype,
-    check_cache,
-    check_lengths_dtype,
-    check_vectors,
-    compute_dtype,
-    dtype_name,
-    output_dtype,
-)
+from .tensors import NORM_DTYPES, TENSORS, compute_dtype, dtype_name, output_dtype
 
 # Elements of one chunk of rows: small enough to stay in a CPU's L2/L3 cache, large enough
 # that a GPU launches few kernels.
@@ -184,36 +176,6 @@ def device_params(params: QuantParams, device: torch.device, dtype: torch.dtype)
     return entry
 
 
-# ---------------------------------------------------------------- input checks
-
-
-
-
-
-def _check_torch_code(name: str, code: object, params: QuantParams) -> None:
-    """`checks.check_code` plus: the payload is torch tensors on one device."""
-    checks.check_code(name, code, params)
-    for field in PAYLOAD_FIELDS:
-        value = getattr(code, field)
-        if value is not None and not isinstance(value, torch.Tensor):
-            raise TypeError(
-                f"{name}.{field}: expected a torch.Tensor (a code from the torch or triton tier), "
-                f"got {type(value).__name__}"
-            )
-        if value is not None and value.device != code.codes.device:
-            raise ValueError(
-                f"{name}.{field}: expected device {code.codes.device} (as {name}.codes), got {value.device}"
-            )
-    if code.codes.dtype != torch.uint8:
-        raise TypeError(f"{name}.codes: expected dtype uint8, got {dtype_name(code.codes.dtype)}")
-
-
-def _check_same_device(name: str, code: Compressed, other: str, device: torch.device) -> None:
-    if code.codes.device != device:
-        raise ValueError(f"{name}: expected tensors on {other}'s device {device}, got {name} on {code.codes.device}")
-
-
-
 # ---------------------------------------------------------------- rotation
 
 
@@ -221,7 +183,7 @@ def rotate(u: torch.Tensor, params: QuantParams, inverse: bool = False) -> torch
     """``(..., d)`` -> ``(..., d)``: the spec's rotation (``inverse=True``: its transpose), in ``u``'s dtype
     (computed in float32, or float64 for float64 input)."""
     checks.check_params(params)
-    u = check_vectors("u", u, params.spec.dim)
+    u = TENSORS.vectors("u", u, params.spec.dim)
     dp = device_params(params, u.device, compute_dtype(u.dtype))
     flat = u.reshape(-1, params.spec.dim).to(dp.centroids.dtype)
     return (dp.inverse if inverse else dp.forward)(flat).to(u.dtype).reshape(u.shape)
@@ -377,7 +339,7 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
     checks.check_params(params)
     spec = params.spec
     validate = checks.check_bool("validate", validate)
-    x = check_vectors("x", x, spec.dim)
+    x = TENSORS.vectors("x", x, spec.dim)
     compute = compute_dtype(x.dtype)
     dp = device_params(params, x.device, compute)
     lead = tuple(x.shape[:-1])
@@ -413,18 +375,10 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
 def quantize_into(x: torch.Tensor, params: QuantParams, cache: Compressed, slots, *, validate: bool = True) -> None:
     """Compress ``x (..., d)`` and write vector ``i`` into ``cache`` at flat index ``slots[i]``, in place: the
     reference's `rotorquant.tiers.numpy.quantize_into` on torch tensors (``cache`` and ``slots`` on ``x``'s
-    device). This tier quantizes, then copies, and synchronizes with the host even with ``validate=False``
-    (to redo extreme float32 norms, and to select the slots in range).
+    device), written once for every tier in `rotorquant.engine.slots`. This tier quantizes, then copies, and
+    synchronizes with the host even with ``validate=False`` (to redo extreme float32 norms).
     """
-    checks.check_params(params)
-    validate = checks.check_bool("validate", validate)
-    x = check_vectors("x", x, params.spec.dim)
-    check_cache(cache, params, x.device)
-    cache_slots.check_x_dtype(dtype_name(x.dtype), cache.dtype)
-    index = as_slots(slots, tuple(x.shape[:-1]), x.device)
-    if validate:
-        cache_slots.check_slot_values(index.reshape(-1), cache_slots.size(cache.shape))
-    cache_slots.write(cache, quantize(x, params, validate=validate), index)
+    engine_slots.quantize_into(TENSORS, quantize, x, params, cache, slots, validate=validate)
 
 
 # ---------------------------------------------------------------- dequantize, scores, attention
@@ -486,29 +440,34 @@ def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
     """Reconstruct ``(..., d)`` vectors in the input's dtype ``code.dtype``:
     ``x_mse = s Rot^T c[k]`` (+ ``||r|| sqrt(pi/2)/m S^T z`` with QJL)."""
     checks.check_params(params)
-    _check_torch_code("code", code, params)
+    checks.check_code("code", code, params, TENSORS)
     dtype = output_dtype(code)
     return _dequantize(code, params, dtype, compute_dtype(dtype)).reshape(*code.shape, params.spec.dim)
 
 
-def _scores(
-    q: torch.Tensor, code: Compressed, params: QuantParams, name: str = "code", finite: bool = True
-) -> torch.Tensor:
-    """Checked `scores` in the compute dtype of ``q`` (``name``: the code's argument name in errors;
-    ``finite=False``: ``q`` is not checked for NaN and Inf)."""
+def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tensor:
+    """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``
+    in ``q``'s dtype.
+
+    Without QJL ``s_n (Rot q_m) . c[k_n]`` (= ``q . x_mse``); with QJL plus ``||r|| sqrt(pi/2)/m <S q, z>``.
+    """
     checks.check_params(params)
-    _check_torch_code(name, code, params)
-    spec = params.spec
-    q = check_vectors("q", q, spec.dim)
-    if finite:
-        checks.check_finite("q", bool(torch.isfinite(q).all()))
+    checks.check_code("code", code, params, TENSORS)
+    q = TENSORS.vectors("q", q, params.spec.dim)
+    checks.check_finite("q", TENSORS.all_finite(q))
     checks.check_min_ndim("q", tuple(q.shape), 2, "(..., M, dim)")
-    checks.check_min_ndim(name, code.shape, 1, "(..., N)")
-    _check_same_device(name, code, "q", q.device)
+    checks.check_min_ndim("code", code.shape, 1, "(..., N)")
+    TENSORS.check_device("code", code.codes, q, "q")
     try:
         torch.broadcast_shapes(tuple(q.shape[:-2]), code.shape[:-1])
     except RuntimeError:
-        raise checks.broadcast_error("q", tuple(q.shape[:-2]), name, code.shape[:-1]) from None
+        raise checks.broadcast_error("q", tuple(q.shape[:-2]), "code", code.shape[:-1]) from None
+    return _scores(q, code, params).to(q.dtype)
+
+
+def _scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tensor:
+    """`scores` of checked queries ``q (..., M, d)``, in their compute dtype."""
+    spec = params.spec
     compute = compute_dtype(q.dtype)
     dp = device_params(params, q.device, compute)
     qc = q.to(compute)
@@ -529,80 +488,29 @@ def _scores(
     return out
 
 
-def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tensor:
-    """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``
-    in ``q``'s dtype.
-
-    Without QJL ``s_n (Rot q_m) . c[k_n]`` (= ``q . x_mse``); with QJL plus ``||r|| sqrt(pi/2)/m <S q, z>``.
-    """
-    return _scores(q, code, params).to(q.dtype)
+def masked_attention(q, k_code, v_code, k_params, v_params, scale: float, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of query rows ``q (B, Hkv, R, d)`` over caches of leading shape ``(B, Hkv, N)``, row
+    ``r`` of sequence ``b`` seeing the keys ``n < visible[b, r]`` (the reference's
+    `rotorquant.tiers.numpy.masked_attention`), computed in ``q``'s compute dtype, returned in ``q``'s dtype."""
+    s = _scores(q, k_code, k_params) * scale
+    keep = torch.arange(s.shape[-1], device=s.device) < visible[:, None, :, None]
+    p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
+    v = _dequantize(v_code, v_params, s.dtype, s.dtype)
+    return (p @ v.view(*v_code.shape, v_params.spec.dim)).to(q.dtype)
 
 
 def attention(
     q, k_code, v_code, k_params, v_params, *, scale=None, lengths=None, causal=False, validate=True, block_table=None
 ) -> torch.Tensor:
-    """Decode attention over a compressed K/V cache, in ``q``'s dtype.
+    """Decode attention over a compressed K/V cache, in ``q``'s dtype: the reference's
+    `rotorquant.tiers.numpy.attention` on torch tensors (caches, lengths and block tables on ``q``'s device,
+    or host lengths), written once for every tier in `rotorquant.engine.attention`.
 
-    ``q (B, Hq, T, d)``; ``k_code``, ``v_code`` of leading shape ``(B, Hkv, N)``; query head ``h``
-    reads KV head ``h // (Hq // Hkv)``. Query ``t`` of sequence ``b`` attends to its first
-    ``visible[b, t]`` keys: ``lengths[b]`` (all ``N`` when None), less ``T - 1 - t`` with
-    ``causal=True`` (the queries are the sequence's last ``T`` cached tokens):
-
-        out = softmax(scale * scores(q, K) masked) @ dequantize(V),   scale = 1/sqrt(d) by default.
-
-    ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` in range), so the
-    call never synchronizes with the host when ``lengths`` is None or a tensor on ``q``'s device: a
-    query with NaN or Inf gets a non-finite output row, every query of a sequence whose length is out
-    of range gets NaN. (A non-finite cache entry, stored by ``quantize(validate=False)``, makes every query
-    that attends to it non-finite; ``0 * NaN`` may spread it to other queries of its sequence and head.)
-
-    With ``block_table (B, max_blocks)`` the caches are paged (`rotorquant.paging`): leading shape
-    ``(num_blocks, Hkv, page)``, gathered here into the logical ``(B, Hkv, max_blocks * page)`` cache.
-    A block id out of range where keys below ``lengths[b]`` lie is an error, or with ``validate=False``
-    NaN rows for sequence ``b``.
+    ``validate=False`` skips the checks that read values (``q`` finite, ``lengths`` and block ids in range),
+    so the call never synchronizes with the host when ``lengths`` is None or a tensor on ``q``'s device.
+    Paged caches (``block_table``) are gathered into the logical cache.
     """
-    checks.check_params(k_params)
-    checks.check_params(v_params)
-    _check_torch_code("k_code", k_code, k_params)
-    _check_torch_code("v_code", v_code, v_params)
-    validate = checks.check_bool("validate", validate)
-    q = check_vectors("q", q, k_params.spec.dim)
-    on = {"device": q.device}
-    k_shape, v_shape = k_code.shape, v_code.shape
-    if block_table is not None:
-        table = torch.as_tensor(block_table, **on)
-        check_block_table_dtype(table)
-        table = table.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
-        k_shape = v_shape = paging.logical_shape(k_code, v_code, tuple(table.shape), q.shape[0])
-    group = checks.check_attention_shapes(tuple(q.shape), k_shape, v_shape)
-    _check_same_device("k_code", k_code, "q", q.device)
-    _check_same_device("v_code", v_code, "q", q.device)
-    batch, kv_heads, kv_len = k_shape
-    _, q_heads, q_len, dim = q.shape
-    causal = checks.check_causal(causal, q_len, kv_len)
-    masked = lengths is not None or causal
-    lengths = torch.full((batch,), kv_len, **on) if lengths is None else torch.as_tensor(lengths, **on)
-    check_lengths_dtype(lengths)
-    lengths = lengths.to(torch.int64)  # unsigned dtypes past uint8 lack comparisons in torch
-    checks.check_lengths_shape(tuple(lengths.shape), batch)
-    least = max(q_len, 1) if causal else 1
-    if validate and lengths.numel():
-        lo, hi = torch.aminmax(lengths)
-        checks.check_lengths_range(int(lo), int(hi), kv_len, least=least)
-    ok = checks.lengths_in_range(lengths, kv_len, least)
-    if block_table is not None:
-        first_keys = torch.arange(table.shape[1], **on) * k_code.shape[2]
-        k_code, v_code, bad = paging.logical_cache(k_code, v_code, table, lengths, first_keys, validate)
-        ok = ok & ~bad
-    s = _scores(q.reshape(batch, kv_heads, group * q_len, dim), k_code, k_params, "k_code", finite=validate)
-    s = s * (1.0 / math.sqrt(k_params.spec.dim) if scale is None else scale)
-    if masked:
-        hidden = torch.arange(q_len - 1, -1, -1, **on) if causal else torch.zeros(q_len, dtype=torch.int64, **on)
-        rows = (lengths[:, None] - hidden).repeat(1, group)  # (B, group * T): row g * T + t
-        keep = torch.arange(kv_len, **on) < rows[:, None, :, None]
-        s = s.masked_fill(~keep, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    v = _dequantize(v_code, v_params, s.dtype, s.dtype)
-    out = p @ v.view(batch, kv_heads, kv_len, v_params.spec.dim)
-    out = out.masked_fill(~ok[:, None, None, None], float("nan"))
-    return out.reshape(batch, q_heads, q_len, v_params.spec.dim).to(q.dtype)
+    return engine_attention.run(
+        TENSORS, masked_attention, q, k_code, v_code, k_params, v_params, scale=scale, lengths=lengths,
+        causal=causal, validate=validate, block_table=block_table,
+    )  # fmt: skip

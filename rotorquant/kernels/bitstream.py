@@ -1,4 +1,4 @@
-"""In-kernel reading and writing of the packed code format (``rotorquant.bitpack``).
+"""In-kernel reading and writing of the packed code format (``rotorquant.format``).
 
 Coordinate ``j``'s ``b``-bit code sits at stream bits ``[j*b, (j+1)*b)``; stream bit ``i``
 is bit ``i % 8`` of byte ``i // 8``. Eight consecutive codes fill exactly ``b`` bytes, so a

@@ -5,7 +5,7 @@
 1. isotropic quality at d=128: MSE of unit vectors and the inner-product estimate
    ``<q, x_hat>`` against ``<q, x>`` (bias, RMSE, correlation), as in the TurboQuant paper;
 2. bytes per vector and compression against fp16, from the ``nbytes`` of real codes;
-3. real-model fidelity on all-MiniLM-L6-v2 (`rotorquant.fidelity`);
+3. real-model fidelity on all-MiniLM-L6-v2 (`rotorquant.bench.fidelity`);
 4. CPU speed of the torch tier (and the Triton tier when a GPU is present).
 """
 
@@ -41,7 +41,7 @@ class BenchError(Exception):
 
 
 def parse_method(label: str, bits: int = 3) -> Method:
-    """``rotation[+qjl][+nc][+gauss][+cal|+seqcal]`` (one of `METHODS`) at ``bits`` -> `rotorquant.fidelity.Method`."""
+    """``rotation[+qjl][+nc][+gauss][+cal|+seqcal]`` (one of `METHODS`) at ``bits`` -> `rotorquant.bench.fidelity.Method`."""
     rotation, *tags = label.split("+")
     calibration = next((CALIBRATION_TAGS[t] for t in tags if t in CALIBRATION_TAGS), "none")
     return Method(
@@ -79,7 +79,7 @@ def isotropic_rows(config: BenchConfig, progress) -> list[dict]:
     """
     import torch
 
-    from .tiers import torch as tier
+    from rotorquant.tiers import torch as tier
 
     rng = np.random.default_rng([config.seed, 2026])
     x = _unit(rng.standard_normal((config.iso_vectors, ISO_DIM)))
@@ -146,8 +146,8 @@ def bytes_rows(config: BenchConfig) -> list[dict]:
     """Bytes per vector from the ``nbytes`` of 64 real codes, at d=32 (MiniLM) and d=128, fp32 and fp16 norms."""
     import torch
 
-    from . import build_params
-    from .tiers import torch as tier
+    from rotorquant import build_params
+    from rotorquant.tiers import torch as tier
 
     x = torch.from_numpy(_unit(np.random.default_rng([config.seed, 7]).standard_normal((64, ISO_DIM))))
     rows = []
@@ -192,7 +192,7 @@ def bytes_table(rows: list[dict]) -> str:
 
 
 def fidelity_rows(config: BenchConfig, progress) -> tuple[list, dict]:
-    """`rotorquant.fidelity.measure` over the grid, and facts about the capture (size, channel outliers)."""
+    """`rotorquant.bench.fidelity.measure` over the grid, and facts about the capture (size, channel outliers)."""
     from . import fidelity, minilm
 
     rows = fidelity.measure(
@@ -232,7 +232,7 @@ SPEED_VECTORS = {False: 65536, True: 4096}  # the issue's size; --quick keeps it
 
 
 def speed_rows(config: BenchConfig) -> list[list[dict]]:
-    """CPU tables from `rotorquant.timing.speed_table_rows`, one per torch thread count: 1, and
+    """CPU tables from `rotorquant.bench.timing.speed_table_rows`, one per torch thread count: 1, and
     torch's default when it differs (a busy 2-core machine can make two threads slower than one).
     The NumPy reference is timed in the first table only."""
     import torch
@@ -255,9 +255,9 @@ def gpu_speed_rows(config: BenchConfig) -> list[dict]:
 
     if not torch.cuda.is_available():
         return []
-    from . import QuantizerSpec, build_params
-    from .tiers import torch as torch_tier
-    from .tiers import triton as triton_tier
+    from rotorquant import QuantizerSpec, build_params
+    from rotorquant.tiers import torch as torch_tier
+    from rotorquant.tiers import triton as triton_tier
     from .timing import interleaved_seconds
 
     n, repeat = (16384, 5) if config.quick else (262144, 20)

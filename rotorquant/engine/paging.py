@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import checks
-from .compressed import PAYLOAD_FIELDS, Compressed
+from .. import checks
+from ..format import PAYLOAD_FIELDS, Compressed
 
 
 def logical_shape(
@@ -38,12 +38,11 @@ def logical_shape(
     return table_shape[0], k_code.shape[1], table_shape[1] * k_code.shape[2]
 
 
-def logical_cache(k_code: Compressed, v_code: Compressed, table, lengths, first_keys, validate: bool):
+def logical_cache(k_code: Compressed, v_code: Compressed, table, lengths, first_keys):
     """``(k, v, bad)``: the logical caches ``(B, Hkv, max_blocks * page)`` the paged ``k_code`` and ``v_code``
     hold under ``table``, and the ``(B,)`` sequences whose table names a block out of range where their
-    keys lie (refused when ``validate``; otherwise block 0 is gathered in its place, for NaN rows)."""
-    if validate:
-        check_ids(table, first_keys, lengths, k_code.shape[0])
+    keys lie (block 0 is gathered in its place: their rows are made NaN). ``first_keys (max_blocks,)``:
+    ``j * page``, the first key of each table column."""
     bad = bad_sequences(table, first_keys, lengths, k_code.shape[0])
     safe = table * ((table >= 0) & (table < k_code.shape[0]))  # unused or (unchecked) bad ids: block 0
     return gather_pages(k_code, safe), gather_pages(v_code, safe), bad
