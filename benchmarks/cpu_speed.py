@@ -6,8 +6,7 @@
 
 Prints, per thread count, the Markdown table of `rotorquant.bench.timing.speed_table_rows` (quantize and
 dequantize: clone, torch rotor/dense, NumPy rotor/dense; medians of interleaved repetitions after
-warm-up; every ratio from the same run) and whether the targets are met: torch rotor quantize
-within 3x of the clone, rotor no slower than dense.
+warm-up; every ratio from the same run), then the torch tier's rotor / dense ratios.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one GPU check, about 6-7 minutes: the speed table with a sweep of launch configurations under
-# `timeout 150` (first, so a short lease still measures it), then the GPU cases of the test suites
-# (Triton kernels compiled for the real device, no interpreter; torch on CUDA; the CUDA-graph capture
-# of unchecked calls) under `timeout 240`. Logs go to $OUT (or ./gpu-logs).
+# The one GPU check, about 7-8 minutes: the tests of the PRMT asm path (interleaved packing: float16
+# lookups by inline prmt.b32, which only a GPU runs) under `timeout 90`, the speed table with a sweep of
+# launch configurations under `timeout 150` (early, so a short lease still measures it), then the GPU
+# cases of the test suites (Triton kernels compiled for the real device, no interpreter; torch on CUDA;
+# the CUDA-graph capture of unchecked calls) under `timeout 240`. Logs go to $OUT (or ./gpu-logs).
 #
 #   bash benchmarks/gpu_check.sh
 #
@@ -22,6 +23,15 @@ status=0
   "$PY" -c "import sys, torch, triton, numpy; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('triton', triton.__version__, 'numpy', numpy.__version__)"
   "$PY" -c "import clifford; print('clifford', clifford.__version__)" || echo "MISSING clifford: the NumPy reference tier (and tests comparing to it) cannot import"
 } 2>&1 | tee "$LOGS/env.log"
+
+# The asm against the NumPy reference (float16 centroids, bit for bit) and against its integer emulation,
+# and attention over interleaved caches against contiguous ones, bit for bit.
+echo "== PRMT asm path" | tee "$LOGS/prmt.log"
+timeout -k 10 90 "$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short tests/test_triton_tier.py -k "interleaved" 2>&1 \
+  | tee -a "$LOGS/prmt.log" | tail -15
+rc=${PIPESTATUS[0]}
+[ "$rc" -eq 124 ] && echo "PRMT asm tests TIMED OUT after 90 s"
+[ "$rc" -eq 0 ] || status=1
 
 echo "== speed table" | tee "$LOGS/gpu_speed.log"
 timeout -k 10 150 "$PY" benchmarks/gpu_speed.py --sweep 2>&1 | tee -a "$LOGS/gpu_speed.log"

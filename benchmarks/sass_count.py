@@ -3,20 +3,21 @@
 Run from the repository root on any machine with Triton's bundled ptxas (no GPU needed, and not
 under ``TRITON_INTERPRET``):
 
-    PYTHONPATH=. python benchmarks/sass_count.py            # bits 2, 3, 4
+    PYTHONPATH=. python benchmarks/sass_count.py            # bits 2, 3, 4; head dims 64, 128, 256; both packings
 
 The tier's real launches for the GPU benchmark's settings are recorded instead of run, compiled
 ahead of time for sm_90 with the same constexprs, and disassembled with Triton's nvdisasm:
 
 - `rotorquant.kernels.attention.attention_split_kernel` (batch 8, 32 query heads, 8 KV heads,
-  head_dim 128, float16 queries, K and V at the same bits). The key loop is the body between the
-  loop label and its backward branch; one pass handles ``BLOCK_N`` keys x 128 coordinates of K and
-  of V, so ``per code = loop instructions x threads / (2 x BLOCK_N x 128)`` is what each unpacked
-  code costs in issued instructions.
+  float16 queries, K and V at the same bits and packing, at each head dim d). The key loop is the body
+  between the label and the backward branch of the longest loop; one pass handles ``BLOCK_N`` keys x
+  d coordinates of K and of V, so ``per code = loop instructions x threads / (2 x BLOCK_N x d)`` is
+  what each unpacked code costs in issued instructions.
 - `rotorquant.kernels.quantize.quantize_kernel` (16384 float16 vectors, d = 128, 3 bits): the
   instructions up to the kernel's last ``EXIT`` (the out-of-line slow paths of division and square
-  root are not counted), and ``per coordinate = instructions x threads / (BLOCK_N x 128)``; also its
-  variant that writes into a paged cache at slots (the unchecked ``quantize_into``).
+  root are not counted), and ``per coordinate = instructions x threads / (BLOCK_N x 128)``, for every
+  rotation; also its rotor variants that write into a paged cache at slots (the unchecked
+  ``quantize_into``) and that write the interleaved packing.
 
 These are counts, not times: they say nothing about latency, memory stalls or occupancy.
 `benchmarks/gpu_speed.py` measures time on a GPU.
@@ -42,6 +43,7 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from triton.tools.disasm import get_sass  # noqa: E402
 
 import rotorquant as rq  # noqa: E402
+from rotorquant.spec import Rotation  # noqa: E402
 from rotorquant.tiers.triton import launch as tl_launch  # noqa: E402
 
 CONTEXT = 4096  # keys per sequence (the loop body does not depend on it)
@@ -103,10 +105,11 @@ def compile_for_sm90(launch: Launch):
     return triton.compile(source, target=SM90, options=launch.options)
 
 
-def record_attention(bits: int, dim: int = 128) -> Launch:
+def record_attention(bits: int, dim: int = 128, packing: str = "contiguous") -> Launch:
     """The split kernel's launch for the GPU benchmark's shapes (batch 8, 32 query heads on 8 KV heads,
-    float16 queries; CPU tensors stand in for CUDA ones, nothing runs) at head dim ``dim``."""
-    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits))
+    float16 queries; CPU tensors stand in for CUDA ones, nothing runs) at head dim ``dim``, with K and V
+    codes in ``packing``."""
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, packing=packing))
     spec = params.spec
     code = rq.Compressed(
         codes=torch.zeros(8, 8, CONTEXT, spec.code_bytes, dtype=torch.uint8),
@@ -122,11 +125,11 @@ def record_attention(bits: int, dim: int = 128) -> Launch:
     return kernels["attention_split_kernel"].launches[0]
 
 
-def record_quantize(rotation: str, into: bool = False) -> Launch:
-    """`quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits; ``into``: the unchecked
-    `quantize_into` of those vectors, as 2048 tokens x 8 KV heads, into a paged cache of 16-token blocks
-    stored the vLLM way, ``(num_blocks, page, Hkv)``, read as ``(num_blocks, Hkv, page)``."""
-    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation))
+def record_quantize(rotation: str, into: bool = False, packing: str = "contiguous") -> Launch:
+    """`quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits, codes in ``packing``; ``into``:
+    the unchecked `quantize_into` of those vectors, as 2048 tokens x 8 KV heads, into a paged cache of
+    16-token blocks stored the vLLM way, ``(num_blocks, page, Hkv)``, read as ``(num_blocks, Hkv, page)``."""
+    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation, packing=packing))
     spec = params.spec
     x = torch.zeros(16384, 128, dtype=torch.float16)
     with recording() as kernels:
@@ -178,17 +181,18 @@ def _constexpr(launch: Launch, name: str):
     return launch.constexprs[(list(launch.signature).index(name),)]
 
 
-def attention_per_code(bits: int, dim: int) -> tuple[float, Launch, list[str]]:
+def attention_per_code(bits: int, dim: int, packing: str = "contiguous") -> tuple[float, Launch, list[str]]:
     """Instructions per cached code of the attention key loop: ``loop x threads / (2 x BLOCK_N x dim)``."""
-    launch = record_attention(bits, dim)
+    launch = record_attention(bits, dim, packing)
     body = loop_body(get_sass(compile_for_sm90(launch).asm["cubin"]))
     block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
     return len(body) * warps * 32 / (2 * block_n * dim), launch, body
 
 
-def quantize_per_coordinate(rotation: str, into: bool = False) -> tuple[float, Launch, list[str]]:
-    """Instructions per coordinate of the quantize kernel: ``instructions x threads / (BLOCK_N x 128)``."""
-    launch = record_quantize(rotation, into)
+def quantize_per_coordinate(rotation: str, into: bool = False, packing: str = "contiguous") -> tuple:
+    """``(per coordinate, launch, body)``: instructions per coordinate of the quantize kernel, ``instructions x
+    threads / (BLOCK_N x 128)``."""
+    launch = record_quantize(rotation, into, packing)
     body = kernel_body(get_sass(compile_for_sm90(launch).asm["cubin"]))
     block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
     return len(body) * warps * 32 / (block_n * 128), launch, body
@@ -198,18 +202,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bits", default="2,3,4", help="comma-separated bit widths for attention (default 2,3,4)")
     parser.add_argument("--dims", default="64,128,256", help="comma-separated head dims for attention")
+    parser.add_argument("--packings", default="contiguous,interleaved", help="comma-separated code packings for attention")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, compiled for sm_90")
-    for dim in (int(d) for d in args.dims.split(",")):
-        for bits in (int(b) for b in args.bits.split(",")):
-            per_code, launch, body = attention_per_code(bits, dim)
-            print(f"sass: attention loop, bits={bits}, head_dim={dim}, packing=contiguous: {per_code:.1f} "
-                  f"instructions per code (BLOCK_N {_constexpr(launch, 'BLOCK_N')}, "
-                  f"{launch.options['num_warps']} warps, {len(body)} loop instructions; {_common(body)})")  # fmt: skip
-    for rotation, into in (("rotor", False), ("dense", False), ("rotor", True)):
-        per_coord, launch, body = quantize_per_coordinate(rotation, into)
+    for packing in args.packings.split(","):
+        for dim in (int(d) for d in args.dims.split(",")):
+            for bits in (int(b) for b in args.bits.split(",")):
+                per_code, launch, body = attention_per_code(bits, dim, packing)
+                print(f"sass: attention loop, bits={bits}, head_dim={dim}, packing={packing}: {per_code:.1f} "
+                      f"instructions per code (BLOCK_N {_constexpr(launch, 'BLOCK_N')}, "
+                      f"{launch.options['num_warps']} warps, {len(body)} loop instructions; {_common(body)})")  # fmt: skip
+    quantized = [(r.value, False, "contiguous") for r in Rotation]
+    quantized += [("rotor", True, "contiguous"), ("rotor", False, "interleaved")]
+    for rotation, into, packing in quantized:
+        per_coord, launch, body = quantize_per_coordinate(rotation, into, packing)
         name = "quantize into a paged cache" if into else "quantize"
-        print(f"sass: {name}, bits=3, head_dim=128, rotation={rotation}: {per_coord:.1f} instructions per "
+        layout = ", packing=interleaved" if packing == "interleaved" else ""
+        print(f"sass: {name}, bits=3, head_dim=128, rotation={rotation}{layout}: {per_coord:.1f} instructions per "
               f"coordinate ({_constexpr(launch, 'BLOCK_N')} vectors per program, {launch.options['num_warps']} "
               f"warps, {len(body)} instructions; {_common(body)})")  # fmt: skip
 

@@ -11,6 +11,7 @@
 from .calibration import Calibration, calibrate
 from .math.codebook import Codebook, lloyd_max
 from .format import Compressed
+from .files import load, save
 from .params import QuantParams, build_params
 from .quantizer import Quantizer, Tier
 from .spec import NormDtype, QuantizerSpec, Rotation
@@ -30,4 +31,6 @@ __all__ = [
     "build_params",
     "calibrate",
     "lloyd_max",
+    "load",
+    "save",
 ]

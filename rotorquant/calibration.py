@@ -78,7 +78,21 @@ class Calibration:
 
     def __setstate__(self, state: dict) -> None:
         for name, value in {**state, "_cache": {}}.items():
+            if isinstance(value, np.ndarray):
+                value.setflags(write=False)  # read-only again, as when fitted
             object.__setattr__(self, name, value)
+
+    def same_as(self, other: object) -> bool:
+        """Whether ``other`` holds the same statistics: the same object, or equal parameters (`QuantParams.same_as`),
+        ``scale`` and ``center`` (e.g. after a pickle round trip or `rotorquant.load`)."""
+        if self is other:
+            return True
+        if not isinstance(other, Calibration) or not self.params.same_as(other.params):
+            return False
+        if (self.center is None) != (other.center is None):
+            return False
+        pairs = [(self.scale, other.scale)] + ([] if self.center is None else [(self.center, other.center)])
+        return all(a.shape == b.shape and np.array_equal(a, b) for a, b in pairs)
 
     @property
     def spec(self):

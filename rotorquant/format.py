@@ -17,6 +17,19 @@ stream; bit ``i`` of the stream is bit ``i % 8`` of byte ``i // 8``, and bit ``t
 signs are the same stream with ``b = 1``. `pack_codes` and `unpack_codes` are the NumPy reference the
 other tiers' packers match byte for byte.
 
+With ``spec.packing == "interleaved"`` (``b`` in 2..4, ``d`` a multiple of 32) the same ``d*b/8`` bytes hold
+the codes rearranged for GPU table lookups: the row is ``b`` planes of ``C = d / 32`` little-endian 32-bit
+words, plane ``p``'s word ``c`` at bytes ``4 * (p*C + c)``, and word ``c`` of every plane holds chunk ``c``
+(coordinates ``32c .. 32c + 31``). Within a chunk, with ``G_g[n]`` the code of coordinate ``32c + 8g + n``
+(``g``, ``n`` in 0..3, 0..7), nibble ``n`` (bits ``4n .. 4n + 3``) of the words is
+
+    b = 2:  word 0: G_0[n] | G_2[n] << 2            word 1: G_1[n] | G_3[n] << 2
+    b = 3:  word p (p = 0, 1, 2): G_p[n] | (bit p of G_3[n]) << 3
+    b = 4:  words 0..2 as b = 3 on the magnitude indices ``m = k - 8`` (k >= 8) or ``7 - k`` (k < 8);
+            word 3: bit ``8j + s`` = the top bit ``k >> 3`` of coordinate ``32c + 4s + j``
+
+`repack_codes` converts between the packings.
+
 The arrays are NumPy arrays in the NumPy tier and torch tensors in the others.
 ``spec``, ``dtype`` (the input's dtype name) and ``calibration`` are metadata, not payload. A code
 made by a `rotorquant.Quantizer` with a `rotorquant.Calibration` carries it and only that quantizer
@@ -31,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .spec import NormDtype, QuantizerSpec
+from .spec import INTERLEAVED_BITS, INTERLEAVED_CHUNK, NormDtype, Packing, QuantizerSpec
 
 
 PAYLOAD_FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
@@ -72,19 +85,83 @@ def packed_length(count: int, bits: int) -> int:
     return -(-count * bits // 8)
 
 
-def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """``(..., d)`` integer codes in ``[0, 2**bits)`` -> ``(..., ceil(d*bits/8))`` uint8."""
+def pack_codes(codes: np.ndarray, bits: int, packing: Packing | str = Packing.CONTIGUOUS) -> np.ndarray:
+    """``(..., d)`` integer codes in ``[0, 2**bits)`` -> ``(..., ceil(d*bits/8))`` uint8 in ``packing``."""
     codes = np.asarray(codes, dtype=np.uint8)
+    if _packing(packing, bits, codes.shape[-1]) is Packing.INTERLEAVED:
+        return _pack_interleaved(codes, bits)
     planes = (codes[..., None] >> np.arange(bits, dtype=np.uint8)) & 1  # (..., d, bits), low bit first
     stream = planes.reshape(*codes.shape[:-1], codes.shape[-1] * bits)
     return np.packbits(stream, axis=-1, bitorder="little")
 
 
-def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+def unpack_codes(packed: np.ndarray, bits: int, count: int, packing: Packing | str = Packing.CONTIGUOUS) -> np.ndarray:
     """Inverse of `pack_codes`: ``(..., ceil(count*bits/8))`` uint8 -> ``(..., count)`` uint8 codes."""
+    if _packing(packing, bits, count) is Packing.INTERLEAVED:
+        return _unpack_interleaved(np.asarray(packed, dtype=np.uint8), bits, count)
     stream = np.unpackbits(packed, axis=-1, count=count * bits, bitorder="little")
     planes = stream.reshape(*packed.shape[:-1], count, bits)
     return (planes << np.arange(bits, dtype=np.uint8)).sum(axis=-1, dtype=np.uint8)
+
+
+def repack_codes(packed: np.ndarray, bits: int, count: int, source: Packing | str, target: Packing | str) -> np.ndarray:
+    """``(..., ceil(count*bits/8))`` uint8 rows of ``count`` codes in ``source`` packing, in ``target`` packing
+    (the same length)."""
+    return pack_codes(unpack_codes(packed, bits, count, source), bits, target)
+
+
+def _packing(packing: Packing | str, bits: int, count: int) -> Packing:
+    """``packing`` as a `Packing`, checked against the rows it describes."""
+    try:
+        packing = Packing(packing)
+    except ValueError:
+        raise ValueError(f"packing: expected one of {[p.value for p in Packing]}, got {packing!r}") from None
+    if packing is Packing.INTERLEAVED and (bits not in INTERLEAVED_BITS or count % INTERLEAVED_CHUNK):
+        raise ValueError(
+            f"packing: 'interleaved' needs bits in {INTERLEAVED_BITS} and a multiple of {INTERLEAVED_CHUNK} "
+            f"codes per row, got bits={bits} and {count} codes"
+        )
+    return packing
+
+
+_NIBBLES = 4 * np.arange(8, dtype=np.uint32)  # bit offset of nibble n
+_TOPS = (8 * np.arange(4, dtype=np.uint32) + np.arange(8, dtype=np.uint32)[:, None])  # [s, j]: 8j + s
+
+
+def _pack_interleaved(codes: np.ndarray, bits: int) -> np.ndarray:
+    """``(..., d)`` codes -> ``(..., d*bits/8)`` uint8, interleaved (the layout of the module docstring)."""
+    lead, chunks = codes.shape[:-1], codes.shape[-1] // INTERLEAVED_CHUNK
+    k = codes.astype(np.uint32)
+    if bits == 4:  # the magnitude index: k - 8 in the upper half, 7 - k in the lower
+        k = np.where(k >= 8, k - 8, 7 - k)
+    g = k.reshape(*lead, chunks, 4, 8)  # [c, g, n]: coordinate 32c + 8g + n
+    if bits == 2:
+        nibbles = [g[..., 0, :] | g[..., 2, :] << 2, g[..., 1, :] | g[..., 3, :] << 2]
+    else:
+        nibbles = [g[..., p, :] | ((g[..., 3, :] >> p) & 1) << 3 for p in range(3)]
+    words = [(nib << _NIBBLES).sum(axis=-1, dtype=np.uint32) for nib in nibbles]  # disjoint bits: sum = or
+    if bits == 4:
+        top = (codes.astype(np.uint32) >> 3).reshape(*lead, chunks, 8, 4)  # [c, s, j]: coordinate 32c + 4s + j
+        words.append((top << _TOPS).sum(axis=(-2, -1), dtype=np.uint32))
+    planes = np.stack(words, axis=-2).astype("<u4")  # (..., bits, C)
+    return np.ascontiguousarray(planes).view(np.uint8).reshape(*lead, bits * chunks * 4)
+
+
+def _unpack_interleaved(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of `_pack_interleaved`: ``(..., count*bits/8)`` uint8 -> ``(..., count)`` uint8 codes."""
+    lead, chunks = packed.shape[:-1], count // INTERLEAVED_CHUNK
+    words = np.ascontiguousarray(packed).view("<u4").reshape(*lead, bits, chunks).astype(np.uint32)
+    nib = (words[..., None] >> _NIBBLES) & 15  # (..., bits, C, 8)
+    if bits == 2:
+        groups = [nib[..., 0, :, :] & 3, nib[..., 1, :, :] & 3, nib[..., 0, :, :] >> 2, nib[..., 1, :, :] >> 2]
+    else:
+        spread = sum(((nib[..., p, :, :] >> 3) & 1) << p for p in range(3))
+        groups = [nib[..., p, :, :] & 7 for p in range(3)] + [spread]
+    k = np.stack(groups, axis=-2).reshape(*lead, count)  # (..., C, 4, 8) -> coordinate order
+    if bits == 4:
+        top = ((words[..., 3, :, None, None] >> _TOPS) & 1).reshape(*lead, count)
+        k = np.where(top == 1, k + 8, 7 - k)
+    return k.astype(np.uint8)
 
 
 def stored_norms(values: np.ndarray, norm_dtype: NormDtype) -> np.ndarray:

@@ -45,11 +45,11 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("k4v4", 4, 4, Rotation.DENSE),
-        Preset("k4v3", 4, 3, Rotation.DENSE),
-        Preset("k4v2", 4, 2, Rotation.DENSE),
-        Preset("k3v3", 3, 3, Rotation.DENSE),
-        Preset("k2v2", 2, 2, Rotation.DENSE),
+        Preset("k4v4", 4, 4, Rotation.ROTOR),
+        Preset("k4v3", 4, 3, Rotation.ROTOR),
+        Preset("k4v2", 4, 2, Rotation.ROTOR),
+        Preset("k3v3", 3, 3, Rotation.ROTOR),
+        Preset("k2v2", 2, 2, Rotation.ROTOR),
     )
 }
 """Every named preset."""

@@ -76,7 +76,8 @@ class Quantizer:
 
     With a `rotorquant.Calibration` (fitted for ``spec``), vectors are preconditioned before the tier
     quantizes them and restored after it dequantizes; scores use ``(A^-1 q) . x' + q . mu``. Its codes
-    carry the calibration and only a quantizer holding that same calibration decodes them.
+    carry the calibration and only a quantizer holding the same statistics decodes them (compared by content,
+    `Calibration.same_as`, so a pickled or saved code still decodes).
     ``params`` replaces ``build_params(spec)`` (e.g. parameters with another codebook, for experiments).
     """
 
@@ -111,7 +112,7 @@ class Quantizer:
         cal = getattr(code, "calibration", None)
         if self.calibration is None or not isinstance(code, Compressed):
             return code  # the tier reports a wrong type or a calibrated code
-        if cal is not self.calibration:
+        if not self.calibration.same_as(cal):
             got = "one without" if cal is None else "one made with another"
             raise ValueError(f"{name}: expected a code made with this quantizer's calibration, got {got}")
         compute = "float64" if code.dtype == "float64" else "float32"

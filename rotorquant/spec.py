@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from .math.rotations import default_stages
+
 
 class _StrEnum(str, enum.Enum):
     """A ``str`` enum that prints as its value, so specs and errors read ``rotation='rotor'``."""
@@ -22,19 +24,23 @@ class _StrEnum(str, enum.Enum):
 
 
 class Rotation(_StrEnum):
-    """How a unit vector is rotated before its coordinates are quantized.
+    """How a unit vector is rotated before its coordinates are quantized (`rotorquant.math.rotations`).
 
-    - ``"rotor"``: RotorQuant. Consecutive 3-dim groups ``(3g, 3g+1, 3g+2)`` are
-      rotated by a Haar-random unit rotor of Cl(3,0) through the sandwich
-      ``R v R~``; a 2-coordinate remainder by a Cl(2) rotor (a Givens rotation);
-      a 1-coordinate remainder is left as is. Cost: O(d).
+    - ``"rotor"``: RotorQuant, a butterfly of Cl(3,0) rotors. In each of ``stages`` stages the
+      consecutive 3-dim groups ``(3g, 3g+1, 3g+2)`` are rotated through the sandwich ``R v R~`` by
+      rotors that spread a coordinate's energy over the group as evenly as three dimensions allow
+      (a 2-coordinate remainder by a Cl(2) rotor, a 1-coordinate remainder left as is), with a
+      stride-3 shuffle between stages, so that after ``ceil(log3 d)`` stages every coordinate has
+      mixed with (nearly) every other. Cost: O(d) per stage.
+    - ``"hadamard"``: random signs, then a normalized Walsh-Hadamard transform on power-of-two
+      blocks of the vector. Cost: O(d log d).
     - ``"dense"``: TurboQuant. One Haar-random ``d x d`` orthogonal matrix. Cost: O(d^2).
 
-    The enum is a ``str`` so ``Rotation.ROTOR == "rotor"``; more block rotations
-    (2-D Givens, 4-D isoclinic, randomized Hadamard) are new members here.
+    The enum is a ``str`` so ``Rotation.ROTOR == "rotor"``.
     """
 
     ROTOR = "rotor"
+    HADAMARD = "hadamard"
     DENSE = "dense"
 
 
@@ -49,6 +55,29 @@ class NormDtype(_StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
 
+
+class Packing(_StrEnum):
+    """How the codes of one vector are laid out in its ``code_bytes`` bytes (``docs/format.md``).
+
+    - ``"contiguous"`` (default, the reference): a little-endian bit stream, coordinate ``j``'s
+      ``b``-bit code at stream bits ``[j*b, (j+1)*b)``. Any ``dim`` and bit width.
+    - ``"interleaved"``: each chunk of 32 coordinates is spread over ``b`` 32-bit words (the row
+      holds ``b`` planes of ``dim / 32`` words), so that a GPU turns one word into 4 codes' table
+      lookups with one mask or shift. Needs ``dim`` a multiple of 32 and ``mse_bits`` 2, 3 or 4.
+
+    Both store exactly ``ceil(dim * mse_bits / 8)`` bytes; `rotorquant.format.repack_codes`
+    converts either way. QJL signs are a plain bit stream in both.
+    """
+
+    CONTIGUOUS = "contiguous"
+    INTERLEAVED = "interleaved"
+
+
+INTERLEAVED_BITS = (2, 3, 4)
+"""The codebook bit widths (``mse_bits``) the interleaved packing is defined for."""
+
+INTERLEAVED_CHUNK = 32
+"""Coordinates per chunk of the interleaved packing: ``dim`` must be a multiple of it."""
 
 MAX_BITS = 8
 
@@ -70,7 +99,9 @@ class QuantizerSpec:
         bits: total bits per coordinate, 1..8. Without QJL all of them index a
             Lloyd-Max codebook; with QJL the codebook gets ``bits - 1`` and each
             of the ``qjl_dim`` projections of the residual gets one sign bit.
-        rotation: ``"rotor"`` or ``"dense"`` (see `Rotation`).
+        rotation: ``"rotor"``, ``"hadamard"`` or ``"dense"`` (see `Rotation`).
+        stages: rotor butterfly stages (``rotation="rotor"`` only, >= 1); None (default) takes
+            ``ceil(log3 dim)``, after which every coordinate has mixed with (nearly) every other.
         qjl: add the 1-bit QJL sketch of the residual (TurboQuant_prod), which
             makes `scores` an unbiased estimate of ``q @ x.T``.
         qjl_dim: number of QJL projections ``m``; defaults to ``dim``.
@@ -79,6 +110,11 @@ class QuantizerSpec:
         norm_correction: store ``||x|| / ||c||`` instead of ``||x||`` as the
             norm, where ``c`` is the vector of chosen centroids, so the
             reconstruction has exactly the input's length. Only without QJL.
+            None (default): on without QJL, off with it (it measured better on
+            every attention metric, and it would bias the QJL estimator).
+        packing: layout of the code bytes, ``"contiguous"`` or ``"interleaved"``
+            (see `Packing`); ``"interleaved"`` needs ``dim`` a multiple of 32 and
+            ``mse_bits`` 2, 3 or 4.
 
     Invalid values raise ``ValueError`` naming the field, the allowed values
     and the value given.
@@ -87,11 +123,13 @@ class QuantizerSpec:
     dim: int
     bits: int
     rotation: Rotation | str = Rotation.ROTOR
+    stages: int | None = None
     qjl: bool = False
     qjl_dim: int | None = None
     seed: int = 0
     norm_dtype: NormDtype | str = NormDtype.FLOAT32
-    norm_correction: bool = False
+    norm_correction: bool | None = None
+    packing: Packing | str = Packing.CONTIGUOUS
 
     def __post_init__(self) -> None:
         if not _is_int(self.dim) or self.dim < 2:
@@ -102,6 +140,12 @@ class QuantizerSpec:
             object.__setattr__(self, "rotation", Rotation(self.rotation))
         except ValueError:
             _fail("rotation", f"one of {[r.value for r in Rotation]}", self.rotation)
+        if self.rotation is Rotation.ROTOR and self.stages is None:
+            object.__setattr__(self, "stages", default_stages(self.dim))
+        elif self.rotation is Rotation.ROTOR and (not _is_int(self.stages) or self.stages < 1):
+            _fail("stages", "an int >= 1 or None", self.stages)
+        elif self.rotation is not Rotation.ROTOR and self.stages is not None:
+            _fail("stages", f"None with rotation={self.rotation.value!r} (stages are rotor butterfly stages)", self.stages)
         if not isinstance(self.qjl, bool):
             _fail("qjl", "a bool", self.qjl)
         if self.qjl and self.bits < 2:
@@ -116,10 +160,25 @@ class QuantizerSpec:
             object.__setattr__(self, "norm_dtype", NormDtype(self.norm_dtype))
         except ValueError:
             _fail("norm_dtype", f"one of {[n.value for n in NormDtype]}", self.norm_dtype)
+        if self.norm_correction is None:
+            object.__setattr__(self, "norm_correction", not self.qjl)
         if not isinstance(self.norm_correction, bool):
-            _fail("norm_correction", "a bool", self.norm_correction)
+            _fail("norm_correction", "a bool or None", self.norm_correction)
         if self.norm_correction and self.qjl:
             _fail("norm_correction", "False when qjl=True (it would bias the QJL estimator)", True)
+        try:
+            object.__setattr__(self, "packing", Packing(self.packing))
+        except ValueError:
+            _fail("packing", f"one of {[p.value for p in Packing]}", self.packing)
+        if self.packing is Packing.INTERLEAVED and (
+            self.mse_bits not in INTERLEAVED_BITS or self.dim % INTERLEAVED_CHUNK
+        ):
+            _fail(
+                "packing",
+                f"'contiguous' for dim={self.dim} and mse_bits={self.mse_bits} ('interleaved' needs dim a multiple "
+                f"of {INTERLEAVED_CHUNK} and mse_bits in {INTERLEAVED_BITS})",
+                self.packing,
+            )
 
     @property
     def mse_bits(self) -> int:

@@ -5,7 +5,14 @@ import pytest
 
 import rotorquant as rq
 from rotorquant.math import cl3
-from rotorquant.math.rotors import haar_rotors, rotor_matrices
+from rotorquant.math.rotations import default_stages, hadamard_blocks, stride_permutation, walsh_hadamard
+from rotorquant.math.rotors import (
+    equalizing_plane_rotor,
+    equalizing_rotors,
+    haar_rotors,
+    matrix_rotors,
+    rotor_matrices,
+)
 
 RNG = np.random.default_rng(1234)
 
@@ -89,17 +96,73 @@ def test_haar_rotors_are_uniform_on_so3():
 
 
 @pytest.mark.parametrize("dim", [2, 4, 5, 66, 67, 127, 128, 130])
-def test_tail_groups(dim):
-    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=2))
-    assert params.rotors.shape == (dim // 3, 4)
-    assert params.blocks.shape == (-(-dim // 3), 3, 3)
+@pytest.mark.parametrize("stages", [1, None])
+def test_tail_groups(dim, stages):
+    """The short group of each stage: a Cl(2) plane rotor for two coordinates, the identity for one."""
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=2, stages=stages))
+    count = params.spec.stages
+    assert params.rotors.shape == (count, -(-dim // 3), 4) and params.blocks.shape == (count, -(-dim // 3), 3, 3)
+    assert params.permutations.shape == (count, dim) and params.permutations.dtype == np.int64
     full = params.rotation_matrix()
     np.testing.assert_allclose(full @ full.T, np.eye(dim), atol=1e-12)
-    if dim % 3 == 0:
-        assert params.tail_rotor is None
-    elif dim % 3 == 1:
-        np.testing.assert_array_equal(params.tail_rotor, [1, 0, 0, 0])
-        assert full[-1, -1] == 1.0
-    else:
-        assert params.tail_rotor[2:].tolist() == [0.0, 0.0]  # a Cl(2) rotor: only e12
-        assert np.linalg.det(full[-2:, -2:]) == pytest.approx(1.0)
+    tails = params.rotors[:, -1]
+    if dim % 3 == 1:
+        np.testing.assert_array_equal(tails, np.tile([1.0, 0.0, 0.0, 0.0], (count, 1)))
+    elif dim % 3 == 2:
+        assert np.all(tails[:, 2:] == 0.0)  # Cl(2) rotors: only e12
+    if stages == 1 and dim % 3 == 1:
+        assert full[-1, -1] == 1.0  # one stage leaves a lone last coordinate as is
+
+
+@pytest.mark.parametrize("dim", [3, 9, 27, 32, 64, 66, 67, 80, 96, 127, 128, 256])
+def test_butterfly_mixes_nearly_every_coordinate_with_every_other(dim):
+    """After `default_stages` = ceil(log3 d) stages, every output depends on every input when d is a power of 3
+    and on at least 90% of them otherwise, and no input keeps more than a quarter of its energy in one output;
+    one stage mixes only within groups."""
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=3))
+    assert params.spec.stages == default_stages(dim) and 3 ** (params.spec.stages - 1) < dim <= 3**params.spec.stages
+    m = params.rotation_matrix()
+    support = np.mean(np.abs(m) > 1e-12)
+    assert support == 1.0 if 3**params.spec.stages == dim else support >= 0.9, support
+    assert np.max(m**2) <= 0.25 or dim <= 9
+    single = rq.build_params(rq.QuantizerSpec(dim=dim, bits=3, stages=1)).rotation_matrix()
+    assert np.mean(np.abs(single) > 1e-12) <= 3 / dim
+
+
+def test_equalizing_rotors_split_energy_as_evenly_as_three_dimensions_allow():
+    mats = rotor_matrices(equalizing_rotors(np.random.default_rng(3), 300))
+    np.testing.assert_allclose(np.sort(np.abs(mats), axis=-1), np.broadcast_to([1 / 3, 2 / 3, 2 / 3], mats.shape), atol=1e-15)
+    np.testing.assert_allclose(np.linalg.det(mats), 1.0, atol=1e-14)
+    plane = rotor_matrices(equalizing_plane_rotor(np.random.default_rng(4)))
+    np.testing.assert_allclose(np.abs(plane[:2, :2]), np.sqrt(0.5), atol=1e-15)
+
+
+def test_matrix_rotors_inverts_rotor_matrices():
+    rotors = haar_rotors(RNG, 400)
+    back = matrix_rotors(rotor_matrices(rotors))
+    np.testing.assert_allclose(np.abs(np.sum(back * rotors, axis=-1)), 1.0, atol=1e-14)  # the same rotor up to sign
+    half_turns = rotor_matrices(equalizing_rotors(RNG, 50))  # trace -1: the rotor's scalar part is 0
+    np.testing.assert_allclose(rotor_matrices(matrix_rotors(half_turns)), half_turns, atol=1e-15)
+
+
+def test_stride_permutation_sends_a_groups_outputs_to_three_groups():
+    order = stride_permutation(64)
+    assert sorted(order) == list(range(64))
+    position = np.argsort(order)  # where input i lands
+    for g in range(21):
+        assert len({position[3 * g + k] // 3 for k in range(3)}) == 3
+
+
+@pytest.mark.parametrize("dim", [2, 16, 64, 80, 96, 128, 67])
+def test_hadamard_rotation(dim):
+    """Random signs then the normalized Walsh-Hadamard transform on power-of-two blocks: orthogonal, flat
+    (every entry of a block +-1/sqrt(block)), and the fast transform equals the matrix."""
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=3, rotation="hadamard"))
+    m = params.rotation_matrix()
+    np.testing.assert_allclose(m @ m.T, np.eye(dim), atol=1e-12)
+    start = 0
+    for size in hadamard_blocks(dim):
+        np.testing.assert_allclose(np.abs(m[start : start + size, start : start + size]), size**-0.5, atol=1e-15)
+        start += size
+    u = RNG.standard_normal((5, dim))
+    np.testing.assert_allclose(walsh_hadamard(params.signs * u), u @ m.T, atol=1e-13)

@@ -6,7 +6,7 @@ import pytest
 import rotorquant as rq
 from tiers import TIERS, to_numpy
 
-SPEC = rq.QuantizerSpec(dim=35, bits=3, norm_correction=True)  # 11 rotors and a Cl(2) tail
+SPEC = rq.QuantizerSpec(dim=35, bits=3, stages=1)  # one rotor stage: 11 rotors and a Cl(2) tail
 PARAMS = rq.build_params(SPEC)
 CHANNEL_RMS = np.random.default_rng(99).permutation(np.geomspace(0.1, 4.0, SPEC.dim))  # uneven, as real keys
 
@@ -31,6 +31,7 @@ def test_isotropic_samples_fit_unit_scales():
 def test_scales_measure_rotated_unit_channels():
     """The definition: s_j^2 = d * mean((Rot(x - mu) / ||x - mu||)_j^2), per group, keeping sample axes."""
     x = _keys()
+    x[..., :3] = 0.7 + 0.01 * (x[..., :3] - 0.7)  # the first rotor group nearly constant: its scales floor
     cal = rq.calibrate(x, PARAMS, axis=(0, 2), center=True)
     assert cal.scale.shape == cal.center.shape == (1, 3, 1, SPEC.dim)
     mu = x.mean(axis=(0, 2), keepdims=True)
@@ -58,7 +59,7 @@ def test_mask_leaves_padding_out():
 def test_prior_pulls_a_tiny_sample_toward_identity():
     x = _keys(shape=(2,))
     loose = rq.calibrate(x, PARAMS, axis=0)
-    firm = rq.calibrate(x, PARAMS, axis=0, prior=1000.0)
+    firm = rq.calibrate(x, PARAMS, axis=0, prior=10000.0)
     assert np.abs(firm.scale - 1).max() < 0.01 < np.abs(loose.scale - 1).max()
     empty = rq.calibrate(x, PARAMS, axis=0, mask=np.zeros(2, dtype=bool), prior=4.0)
     np.testing.assert_array_equal(empty.scale, 1.0)
@@ -131,6 +132,33 @@ def test_pickle_keeps_statistics_not_device_copies():
     np.testing.assert_array_equal(again.precondition(_keys()), cal.precondition(_keys()))
 
 
+def test_a_pickled_calibrated_code_decodes_with_the_quantizer_that_made_it():
+    """Calibrations are compared by content: a pickle round trip (a new object) still decodes, and the
+    unpickled statistics are read-only again."""
+    import pickle
+
+    x = _keys()
+    cal = rq.calibrate(x, PARAMS, axis=(0, 2), center=True)
+    quantizer = rq.Quantizer(SPEC, tier="numpy", calibration=cal)
+    code = quantizer.quantize(x)
+    again = pickle.loads(pickle.dumps(code))
+    assert again.calibration is not cal and again.calibration.same_as(cal) and cal.same_as(again.calibration)
+    np.testing.assert_array_equal(quantizer.dequantize(again), quantizer.dequantize(code))
+    np.testing.assert_array_equal(quantizer.scores(x[..., :2, :], again), quantizer.scores(x[..., :2, :], code))
+    assert rq.Quantizer(SPEC, tier="numpy", calibration=again.calibration).dequantize(code).shape == x.shape
+    for a in (again.calibration.scale, again.calibration.center):
+        assert not a.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            a[...] = 0
+    # content, not identity: one differing number, a missing center or other parameters are another calibration
+    scale = cal.scale.copy()
+    scale[0, 1, 0, 3] *= 1.5
+    assert not cal.same_as(rq.Calibration(PARAMS, scale, cal.center))
+    assert not cal.same_as(rq.Calibration(PARAMS, cal.scale))
+    other_params = rq.build_params(rq.QuantizerSpec(dim=35, bits=3, norm_correction=True, seed=1))
+    assert not cal.same_as(rq.Calibration(other_params, cal.scale, cal.center)) and not cal.same_as(cal.scale)
+
+
 def test_direct_construction_is_validated():
     torch = pytest.importorskip("torch")
     scale = np.ones((1, SPEC.dim))
@@ -164,7 +192,7 @@ def test_codes_are_bound_to_their_calibration():
 
     x = _keys()
     cal = rq.calibrate(x, PARAMS, axis=(0, 2))
-    other = rq.calibrate(x, PARAMS, axis=(0, 2))
+    other = rq.calibrate(_keys(seed=1), PARAMS, axis=(0, 2))
     code = rq.Quantizer(SPEC, tier="numpy", calibration=cal).quantize(x)
     with pytest.raises(ValueError, match="code: expected a code made without a Calibration, got a calibrated one"):
         rq.Quantizer(SPEC, tier="numpy").dequantize(code)

@@ -52,10 +52,35 @@ def test_errors_found_while_running_are_one_line(capsys, tmp_path):
     assert code == 2 and err.count("\n") == 1 and "num_sentences: expected an int in 2..102" in err
     code, _, err = run(capsys, "bench", "--methods", "rotor+qjl", "--bits", "1", "--sections", "bytes")
     assert code == 2 and "QJL methods need bits >= 2" in err
-    code, _, err = run(
-        capsys, "bench", "--sections", "bytes", "--bits", "3", "--json", str(tmp_path / "missing" / "x.json")
-    )
-    assert code == 2 and err.startswith("rotorquant bench: error: --json: cannot write") and err.count("\n") == 1
+
+
+
+@pytest.mark.parametrize(
+    "option, name, message",
+    [
+        ("--json", "missing/x.json", "--json: expected a file in an existing folder"),
+        ("--json", "x.txt", "--json: expected a file path ending in .json"),
+        ("--plot", ".", "--plot: expected a file path ending in .png, got the folder"),
+        ("--plot", "plot", "--plot: expected a file path ending in .png"),
+    ],
+)
+def test_output_paths_are_checked_before_the_run(capsys, tmp_path, monkeypatch, option, name, message):
+    """A bad --json or --plot path fails at once (nothing is measured) and is never rewritten to another name."""
+    monkeypatch.setattr(cli, "run_bench", lambda config: pytest.fail("measured despite a bad output path"))
+    code, _, err = run(capsys, "bench", "--sections", "bytes", option, str(tmp_path / name))
+    assert code == 2 and err.startswith(f"rotorquant bench: error: {message}") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_interrupt_is_one_line_and_exit_130(capsys, monkeypatch):
+    """Ctrl-C during the bench prints one line and exits with 130 (128 + SIGINT), no traceback."""
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_bench", interrupted)
+    code, _, err = run(capsys, "bench", "--sections", "bytes")
+    assert code == 130 and err == "rotorquant bench: interrupted\n"
 
 
 def test_console_script_error_has_no_traceback():

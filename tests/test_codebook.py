@@ -53,10 +53,13 @@ def test_large_dim_matches_max_gaussian_table(bits, positive):
 
 @pytest.mark.parametrize("dim", [2, 3, 32, 128, 1024])
 def test_one_bit_is_exact(dim):
-    c = math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)  # E|x|
+    """The level is E|x| rounded to float32 (every codebook is pinned to float32 values), and the distortion
+    that of that level: E[(x - c)^2] over the cell x > 0 is E[x^2] - 2 c E|x| + c^2 = 1/d - 2 c e + c^2."""
+    e = math.exp(math.lgamma(dim / 2) - math.lgamma((dim + 1) / 2)) / math.sqrt(math.pi)  # E|x|
     book = lloyd_max(dim, 1)
-    assert book.centroids[1] == pytest.approx(c, rel=1e-10)
-    assert dim * book.distortion == pytest.approx(1 - dim * c * c, rel=1e-9)
+    c = float(np.float32(e))
+    assert book.centroids[1] == c
+    assert dim * book.distortion == pytest.approx(1 - dim * (2 * c * e - c * c), rel=1e-9)
 
 
 @pytest.mark.parametrize("bits", range(1, 6))

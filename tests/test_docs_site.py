@@ -12,8 +12,8 @@ fails the build, and the failure names the notebook, the cell and the error. The
 - checks no page or stylesheet refers to anything on the network (scripts, styles, fonts, images,
   frames).
 
-Chromium is required: ``apt-get install chromium``. Without it the browser tests fail with that
-instruction instead of skipping.
+Chromium is required (``scripts/setup.sh`` installs Debian's ``chromium``). Without it the browser
+tests fail with that instruction instead of skipping.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def _chromium() -> str:
         if path:
             return path
     pytest.fail("Chromium not found: the browser checks need Debian's headless Chromium "
-                "(apt-get update && apt-get install -y chromium)")
+                "(bash scripts/setup.sh installs it, or apt-get update && apt-get install -y chromium)")
 
 
 def _page_requests(net_log: Path) -> list[str]:

@@ -1,9 +1,6 @@
 """The NumPy reference tier: distortion, unbiasedness, edge cases and errors."""
 
-import hashlib
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +19,7 @@ def unit_vectors(n, dim, seed):
 @pytest.mark.parametrize("rotation", ["rotor", "dense"])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_isotropic_mse_matches_lloyd_max(rotation, bits):
-    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=bits, rotation=rotation))
+    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=bits, rotation=rotation, norm_correction=False))
     x = unit_vectors(4000, 128, seed=bits)
     mse = np.mean(np.sum((ref.dequantize(ref.quantize(x, params), params) - x) ** 2, axis=-1))
     assert mse == pytest.approx(LLOYD_MAX_128[bits], rel=0.03)
@@ -39,7 +36,8 @@ def _pair_errors(bits, qjl, rotation, seeds=100, pairs=200, dim=128):
     seed a fresh draw of rotation and QJL matrix: the distribution unbiasedness is stated over."""
     est, true = [], []
     for seed in range(seeds):
-        params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, qjl=qjl, rotation=rotation, seed=seed))
+        spec = rq.QuantizerSpec(dim=dim, bits=bits, qjl=qjl, rotation=rotation, seed=seed, norm_correction=False)
+        params = rq.build_params(spec)
         x = unit_vectors(pairs, dim, seed=1000 + seed)
         q = x + 0.7 * np.random.default_rng([seed, 5]).standard_normal((pairs, dim)) / math.sqrt(dim)
         s = ref.scores(q[:, None, :], ref.quantize(x[:, None, :], params), params)[:, 0, 0]
@@ -116,16 +114,16 @@ def test_zero_vectors_reconstruct_as_exact_zeros(qjl):
 
 
 def test_norms_up_to_float32_max_round_trip():
-    params = rq.build_params(rq.QuantizerSpec(dim=32, bits=4))
+    params = rq.build_params(rq.QuantizerSpec(dim=32, bits=4, norm_correction=False))
     x = np.zeros((2, 32), dtype=np.float32)
     x[0, 5] = np.finfo(np.float32).max
     x[1] = np.finfo(np.float32).max / 8  # norm = max / 8 * sqrt(32) < max
     x_hat = ref.dequantize(ref.quantize(x, params), params)
     assert np.all(np.isfinite(x_hat))
     ratio = np.linalg.norm(x_hat, axis=-1) / np.linalg.norm(x.astype(float), axis=-1)
-    # Row 0 is one-hot: after a 3-dim rotor its energy sits in 3 coordinates far beyond the codebook's
-    # range for d=32, so the reconstruction is short (the outlier weakness of rotors), but finite.
-    assert 0.5 < ratio[0] < 1.0
+    # Row 0 is one-hot: the butterfly spreads it over the vector unevenly (flatness 6 at d = 32), so its
+    # reconstruction's length is off by more than a typical vector's, but finite.
+    assert 0.5 < ratio[0] < 1.5
     assert ratio[1] == pytest.approx(1.0, abs=0.05)
 
 
@@ -234,25 +232,3 @@ def test_attention_errors():
     for bad in ([2.5], [True]):
         with pytest.raises(TypeError, match=r"lengths: expected integers, got dtype (float64|bool)"):
             ref.attention(np.ones((1, 2, 1, 8)), code, code, p, p, lengths=bad)
-
-
-_DIGEST = """
-import hashlib, numpy as np, rotorquant as rq
-from rotorquant.tiers import numpy as ref
-h = hashlib.sha256()
-for rotation in ("rotor", "dense"):
-    p = rq.build_params(rq.QuantizerSpec(dim=67, bits=3, rotation=rotation, qjl=True))
-    for a in (p.centroids, p.blocks, p.rotation, p.qjl_matrix):
-        if a is not None:
-            h.update(a.tobytes())
-    c = ref.quantize(np.linspace(-1, 1, 67 * 5).reshape(5, 67), p)
-    h.update(c.codes.tobytes() + c.qjl_signs.tobytes() + c.norms.tobytes())
-print(h.hexdigest())
-"""
-
-
-def test_deterministic_across_processes():
-    runs = [subprocess.run([sys.executable, "-c", _DIGEST], capture_output=True, text=True, check=True).stdout
-            for _ in range(2)]
-    assert runs[0] == runs[1] and len(runs[0].strip()) == 64
-    assert hashlib.sha256(b"").hexdigest() not in runs[0]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import rotorquant as rq
-from rotorquant.format import unpack_codes
+from rotorquant.format import pack_codes, repack_codes, unpack_codes
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -32,7 +32,7 @@ from tiers import split_attention as _split_attention  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from rotorquant.kernels.quantize import nearest_code  # noqa: E402
-from rotorquant.kernels.levels import centroid_levels  # noqa: E402
+from rotorquant.kernels.levels import byte_tables, centroid_levels, load_interleaved_levels  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cpu" if tt.INTERPRETING else "cuda"
@@ -169,6 +169,48 @@ def test_nearest_code_ties_and_centroid_levels(bits):
     want = np.searchsorted(b, y, side="right")
     np.testing.assert_array_equal(_np(code).astype(int), want)
     np.testing.assert_array_equal(_np(level), params.centroids.astype(np.float32)[want])
+
+
+@triton.jit
+def _interleaved_half_levels_kernel(
+    rows_ptr,  # (ROWS, count * BITS / 8) uint8 rows in the interleaved packing
+    cent_ptr,  # (2**BITS,) float32 centroids
+    out_ptr,  # (ROWS, WIDTH) float16 output: the rows' levels, 0 past count
+    count,  # codes per row
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+    ROWS: tl.constexpr,  # rows
+    WIDTH: tl.constexpr,  # power of two >= count
+    PRMT: tl.constexpr,  # lookups by inline prmt.b32 (CUDA only); else by integer operations
+):
+    r = tl.arange(0, ROWS)
+    level = load_interleaved_levels(
+        rows_ptr + r * (count * BITS // 8), r < ROWS, count, cent_ptr, byte_tables(cent_ptr, BITS), BITS, ROWS, WIDTH,
+        tl.float16, True, PRMT,
+    )  # fmt: skip
+    tl.store(out_ptr + r[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :], level)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "prmt", [False, pytest.param(True, marks=pytest.mark.skipif(DEVICE != "cuda", reason="inline asm runs only on a CUDA GPU"))]
+)  # fmt: skip
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_interleaved_float16_levels_are_the_rounded_centroids(bits, prmt):
+    """The attention kernel's float16 lookups for interleaved rows (d = 96 in a 128-wide tile): the PRMT asm on
+    a GPU and its integer emulation (what the interpreter runs) both give float16(c[k]) bit for bit, 0 past d.
+    tests/test_packing.py models the asm's semantics in NumPy."""
+    params = _spec(dim=96, bits=bits, rotation="dense", packing="interleaved")
+    codes = np.random.default_rng(bits).integers(0, 2**bits, (16, 96))
+    codes[0] = np.arange(96) % 2**bits
+    rows = torch.tensor(pack_codes(codes, bits, "interleaved"), device=DEVICE)
+    centroids = params.centroids.astype(np.float32)
+    out = torch.empty((16, 128), dtype=torch.float16, device=DEVICE)
+    _interleaved_half_levels_kernel[(1,)](
+        rows, torch.tensor(centroids, device=DEVICE), out, 96, BITS=bits, ROWS=16, WIDTH=128, PRMT=prmt
+    )
+    want = np.zeros((16, 128), dtype=np.float16)
+    want[:, :96] = centroids[codes].astype(np.float16)
+    np.testing.assert_array_equal(out.cpu().numpy().view(np.uint16), want.view(np.uint16))
 
 
 @needs_kernels
@@ -406,6 +448,79 @@ def test_attention_half_precision_error_budget(dtype):
     assert np.all(np.abs(_np(got) - want) <= budget)
 
 
+def _repacked(code: rq.Compressed, params: rq.QuantParams) -> rq.Compressed:
+    """``code`` with its codes converted (in NumPy) to ``params.spec``'s packing, for ``params.spec``."""
+    spec = params.spec
+    codes = repack_codes(_np(code.codes), spec.mse_bits, spec.dim, code.spec.packing, spec.packing)
+    return dataclasses.replace(code, codes=torch.from_numpy(codes).to(code.codes.device), spec=spec)
+
+
+def _paged(code: rq.Compressed, page: int, order: torch.Tensor) -> rq.Compressed:
+    """A cache ``(B, Hkv, N)`` as a pool of ``B * N / page`` blocks ``(block, Hkv, page)``: sequence ``b``'s block
+    ``i`` stored at ``order[b * N / page + i]``."""
+
+    def pool(t):
+        b, h, n = t.shape[:3]
+        blocks = t.reshape(b, h, n // page, page, *t.shape[3:]).transpose(1, 2).reshape(b * n // page, h, page, *t.shape[3:])
+        out = torch.empty_like(blocks)
+        out[order.to(t.device)] = blocks
+        return out
+
+    fields = ("codes", "norms", "qjl_signs", "residual_norms")
+    return dataclasses.replace(code, **{f: pool(getattr(code, f)) for f in fields if getattr(code, f) is not None})
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "bits, dim, v_kw, dtype",
+    [(2, 96, {"bits": 4}, torch.float16), (3, 64, {"bits": 4, "qjl": True}, torch.float32), (4, 32, {"bits": 2}, torch.float16)],
+)  # fmt: skip
+def test_interleaved_caches_attend_exactly_as_contiguous_ones(bits, dim, v_kw, dtype):
+    """The same codes in either packing give the same levels (float16 ones by the byte-table lookups), so
+    attention over interleaved caches equals attention over contiguous ones bit for bit: split, causal, and
+    paged in a shuffled pool of 16-key blocks. `quantize` writes the interleaved bytes directly."""
+    kp, vp = _spec(dim=dim, bits=bits), _spec(dim=dim, seed=1, **v_kw)
+    kpi, vpi = (_spec(dim=dim, **{**kw, "packing": "interleaved"}) for kw in ({"bits": bits}, {"seed": 1, **v_kw}))
+    k_x, v_x = _data((2, 2, 48, dim), seed=70), _data((2, 2, 48, dim), seed=71)
+    k, v = tt.quantize(k_x, kp), tt.quantize(v_x, vp)
+    ki, vi = _repacked(k, kpi), _repacked(v, vpi)
+    for x, p, code in ((k_x, kpi, ki), (v_x, vpi, vi)):
+        direct = tt.quantize(x, p)
+        assert direct.spec.packing == "interleaved" and torch.equal(direct.codes, code.codes)
+    q = _data((2, 4, 3, dim), seed=72, dtype=dtype)
+    lengths = torch.tensor([48, 29])
+    order = torch.randperm(6, generator=torch.Generator().manual_seed(dim))
+    table = order.reshape(2, 3).to(DEVICE)
+    for causal in (False, True):
+        want = _split_attention(q, k, v, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2)
+        got = _split_attention(q, ki, vi, kpi, vpi, scale=None, lengths=lengths, causal=causal, splits=2)
+        assert torch.equal(got, want)
+    paged = _split_attention(
+        q, _paged(ki, 16, order), _paged(vi, 16, order), kpi, vpi, scale=None, lengths=lengths, causal=True, splits=2,
+        block_table=table,
+    )  # fmt: skip
+    assert torch.equal(paged, want)
+
+
+@needs_kernels
+def test_unchecked_quantize_into_writes_interleaved_bytes():
+    """The fused `quantize_into` kernel writes whole interleaved chunks at the slots' entries of a vLLM-style
+    pool, ``(num_blocks, page, Hkv)`` read as ``(num_blocks, Hkv, page)``, and nothing else."""
+    params = _spec(dim=96, bits=3, packing="interleaved")
+    pool = tt.quantize(_data((3, 4, 2, 96), seed=80), params)
+    cache = dataclasses.replace(pool, codes=pool.codes.transpose(1, 2), norms=pool.norms.transpose(1, 2))
+    before = cache.codes.clone()
+    x = _data((5, 96), seed=81)
+    slots = torch.tensor([0, 7, -1, 22, 13], device=DEVICE)
+    tt.quantize_into(x, params, cache, slots, validate=False)
+    want = before.reshape(-1, params.spec.code_bytes).clone()
+    new = tt.quantize(x, params).codes
+    for i, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            want[slot] = new[i]
+    assert torch.equal(cache.codes.reshape(-1, params.spec.code_bytes), want)
+
+
 def _laid_out(code: rq.Compressed, layout: str) -> rq.Compressed:
     """The cache ``code`` (leading ``(B, Hkv, N)``) with the same values in another memory layout:
     ``token-major`` (stored ``(B, N, Hkv)``, viewed as ``(B, Hkv, N)``), ``slice`` (the first N keys
@@ -474,13 +589,15 @@ def _one_byte_off(t):
 
 @needs_kernels
 @pytest.mark.parametrize(
-    "bits, qjl, dim", [(1, False, 64), (2, True, 96), (3, False, 160), (3, True, 64), (4, False, 64), (5, True, 96)]
-)
-def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl, dim):
+    "bits, qjl, dim, packing",
+    [(1, False, 64, "contiguous"), (2, True, 96, "contiguous"), (3, False, 160, "contiguous"), (3, True, 64, "contiguous"),
+     (4, False, 64, "contiguous"), (5, True, 96, "contiguous"), (2, False, 96, "interleaved"), (5, True, 32, "interleaved")],
+)  # fmt: skip
+def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl, dim, packing):
     """Packed rows of these dims are whole 32-bit words, so aligned payloads are read as words (at 96 and
     160 the last 32-code chunks of the padded tile lie past the row and are masked); the same bytes one
     byte off alignment are read byte by byte. Both give the reference's values, scores and attention."""
-    params = _spec(dim=dim, bits=bits, qjl=qjl, qjl_dim=32)
+    params = _spec(dim=dim, bits=bits, qjl=qjl, qjl_dim=32, packing=packing)
     code = tt.quantize(_data((2, 2, 40, dim), seed=40), params)
     moved = dataclasses.replace(
         code, codes=_one_byte_off(code.codes), qjl_signs=_one_byte_off(code.qjl_signs) if qjl else None
@@ -541,7 +658,7 @@ import re
 import sys
 import torch
 sys.path.insert(0, "benchmarks")
-from sass_count import compile_for_sm90, recording
+from sass_count import compile_for_sm90, record_attention, recording
 from triton.tools.disasm import get_sass
 import rotorquant as rq
 from rotorquant.tiers.triton import launch
@@ -577,11 +694,31 @@ with recording() as recorders:
     drive(torch.bfloat16, dim=256, bits=4, qjl=True, q_heads=64)  # 64 query rows per KV head
     # quantize_into's int64 unravel, for caches past 2**31 entries
     drive(torch.float32, dim=128, bits=3, qjl=True, config=launch.LaunchConfig(int32_entries=0))
-variants = {repr((r.fn.__name__, l.signature, l.constexprs, l.attrs, l.options)): l for r in recorders.values() for l in r.launches}
+    # the interleaved packing: float16 attention operands by the PRMT asm, float32 ones from the codes
+    drive(torch.float16, dim=128, bits=3, causal=True, paged=True, packing="interleaved")
+    drive(torch.float32, dim=96, bits=4, packing="interleaved")
+# and the decode benchmark's split kernel over interleaved caches at the other bit widths and head dims
+benchmark = [record_attention(bits, dim, "interleaved") for bits, dim in ((2, 64), (4, 256))]
+
+def asm_layouts(ttgir):
+    # every PRMT asm's tensors keep each packed call's 4 elements, the 2 x 2 innermost dims, in one thread
+    layouts = dict(re.findall(r"^(#\w+) = #ttg\.blocked<(.*)>$", ttgir, re.M))
+    ok = []
+    for line in re.findall(r"tt\.elementwise_inline_asm .*prmt\.b32.*", ttgir):
+        for name in re.findall(r"tensor<[^,>]*, (#\w+)>", line):
+            size = [int(x) for x in re.search(r"sizePerThread = \[([\d, ]+)\]", layouts[name])[1].split(",")]
+            order = [int(x) for x in re.search(r"order = \[([\d, ]+)\]", layouts[name])[1].split(",")]
+            ok.append(size[-2:] == [2, 2] and order[:2] == [len(size) - 1, len(size) - 2])
+    return len(ok), all(ok)
+
+launches = [l for r in recorders.values() for l in r.launches] + benchmark
+variants = {repr((l.fn.__name__, l.signature, l.constexprs, l.attrs, l.options)): l for l in launches}
 for l in variants.values():
     k = compile_for_sm90(l)
     spills = len(re.findall(r"\b(?:STL|LDL)\b", get_sass(k.asm["cubin"])))
-    print(l.fn.__name__, "spills", spills, "shared", k.metadata.shared)
+    tensors, layouts_ok = asm_layouts(k.asm["ttgir"])
+    print(l.fn.__name__, "spills", spills, "shared", k.metadata.shared, "prmt", k.asm["ptx"].count("prmt.b32"),
+          "asm_tensors", tensors, "asm_layouts_ok", layouts_ok)
 """
 
 
@@ -592,23 +729,28 @@ _PTXAS = os.path.join(os.path.dirname(sys.modules["triton"].__file__), "backends
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run every kernel for real")
 def test_kernels_compile_for_a_gpu(tmp_path):
     """Every kernel variant the tier launches (float16/bfloat16/float32/float64 inputs, rotor/dense, QJL,
-    norm correction, ragged d, quantize into a cache, 64 query rows per KV head at d = 256) compiles
-    ahead of time for an sm_90 GPU with Triton's own ptxas, and fits the 227 KiB of shared memory of an
-    H100; the query rotation spills few registers, if any. Catches what the interpreter cannot: constexpr misuse,
-    tl.dot shapes and dtypes, pointer types, int64 shifts."""
+    norm correction, ragged d, quantize into a cache, 64 query rows per KV head at d = 256, both packings)
+    compiles ahead of time for an sm_90 GPU with Triton's own ptxas, and fits the 227 KiB of shared memory of an
+    H100; the query rotation spills few registers, if any. Half-precision attention over interleaved caches
+    runs the PRMT asm, whose packed calls see 4 copies of one selector (checked in the TTGIR layouts); the
+    other kernels run none. Catches what the interpreter cannot: constexpr misuse, tl.dot shapes and dtypes,
+    pointer types, int64 shifts, inline asm."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _pythonpath()
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
-    lines = done.stdout.split("\n")
-    shared = [int(line.split()[-1]) for line in lines if " shared " in line]
-    kernels = {line.split()[0] for line in lines if " shared " in line}
+    lines = [line.split() for line in done.stdout.split("\n") if " shared " in line]
+    shared = [int(line[4]) for line in lines]
+    kernels = {line[0] for line in lines}
     assert kernels == {"quantize_kernel", "dequantize_kernel", "scores_kernel", "attention_query_kernel", "attention_split_kernel",
                        "attention_combine_kernel"}
     assert len(shared) >= 15 and max(shared) <= 227 * 1024, done.stdout
-    query = [int(line.split()[2]) for line in lines if line.startswith("attention_query_kernel ")]
+    query = [int(line[2]) for line in lines if line[0] == "attention_query_kernel"]
     assert len(query) >= 5 and max(query) <= 16, done.stdout  # local loads and stores: 0 to 8 with Triton 3.8 / 3.9
+    asm = [(line[0], int(line[6]), line[10]) for line in lines if int(line[8])]  # variants with the PRMT asm
+    assert len(asm) >= 4 and all(name == "attention_split_kernel" for name, *_ in asm), asm  # the half-precision ones
+    assert all(prmt >= 64 and ok == "True" for _, prmt, ok in asm), asm
 
 
 @pytest.mark.skipif(not os.path.exists(_PTXAS), reason="triton's bundled ptxas is missing")
@@ -620,8 +762,8 @@ def test_sass_count_benchmark_finds_the_key_loop(tmp_path):
     env["PYTHONPATH"] = _pythonpath()
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     script = os.path.join(ROOT, "benchmarks", "sass_count.py")
-    done = subprocess.run([sys.executable, script, "--bits", "3", "--dims", "128"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run([sys.executable, script, "--bits", "3", "--dims", "128", "--packings", "contiguous,interleaved"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
     line = re.compile(r"^sass: attention loop, bits=3, head_dim=128, packing=contiguous: (\d+\.\d) instructions per "
                       r"code \(BLOCK_N (\d+), (\d+) warps, (\d+) loop instructions")  # fmt: skip
@@ -629,6 +771,13 @@ def test_sass_count_benchmark_finds_the_key_loop(tmp_path):
     assert len(found) == 1, done.stdout
     per_code, block_n, warps, loop = found[0].groups()
     assert int(loop) > 100 and float(per_code) == pytest.approx(int(loop) * int(warps) * 32 / (2 * int(block_n) * 128), abs=0.0501)
+    line = re.compile(r"^sass: attention loop, bits=3, head_dim=128, packing=interleaved: (\d+\.\d) instructions per "
+                      r"code \(BLOCK_N (\d+), (\d+) warps, (\d+) loop instructions; (.*)\)$")  # fmt: skip
+    found = [line.match(x) for x in done.stdout.splitlines() if line.match(x)]
+    assert len(found) == 1, done.stdout
+    interleaved, block_n, warps, loop, common = found[0].groups()
+    assert float(interleaved) == pytest.approx(int(loop) * int(warps) * 32 / (2 * int(block_n) * 128), abs=0.0501)
+    assert "PRMT" in common and float(interleaved) < float(per_code), done.stdout  # same run, same shapes
     for rotation in ("rotor", "dense"):
         line = re.compile(rf"^sass: quantize, bits=3, head_dim=128, rotation={rotation}: (\d+\.\d) instructions per "
                           r"coordinate \((\d+) vectors per program, (\d+) warps, (\d+) instructions")  # fmt: skip

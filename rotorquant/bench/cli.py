@@ -6,7 +6,10 @@
    ``<q, x_hat>`` against ``<q, x>`` (bias, RMSE, correlation), as in the TurboQuant paper;
 2. bytes per vector and compression against fp16, from the ``nbytes`` of real codes;
 3. real-model fidelity on all-MiniLM-L6-v2 (`rotorquant.bench.fidelity`);
-4. CPU speed of the torch tier (and the Triton tier when a GPU is present).
+4. a real decoder LLM with a compressed past (`rotorquant.bench.decoder`): perplexity of every rotation at
+   every preset and of transformers' quantized caches, bytes per token, and per layer the attention-output
+   cosine and the channel anisotropy of keys and values (``--model PATH``: any local causal LM);
+5. CPU speed of the torch tier (and the Triton tier when a GPU is present).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,14 +29,18 @@ from .fidelity import Method
 
 METHODS = tuple(
     f"{r}{t}"
-    for r in ("rotor", "dense")
+    for r in ("rotor", "hadamard", "dense")
     for t in ("", "+qjl", "+nc", "+gauss", "+nc+gauss", "+cal", "+nc+cal", "+seqcal", "+nc+seqcal")
 )
 CALIBRATION_TAGS = {"cal": "model", "seqcal": "sequence"}
 DEFAULT_METHODS = (
-    "rotor", "dense", "rotor+qjl", "dense+qjl", "rotor+nc", "rotor+nc+cal", "dense+nc+cal", "rotor+nc+seqcal"
+    "rotor", "dense", "rotor+qjl", "dense+qjl", "rotor+nc", "hadamard+nc", "rotor+nc+cal", "dense+nc+cal",
+    "rotor+nc+seqcal",
 )
-SECTIONS = ("isotropic", "bytes", "fidelity", "speed")
+SECTIONS = ("isotropic", "bytes", "fidelity", "llm", "speed")
+LLM_ROTATIONS = ("rotor", "hadamard", "dense")
+LLM_PEERS = (("quanto", 4), ("quanto", 2), ("hqq", 4))  # transformers' QuantizedCache backends and bits
+LLM_COSINE_PRESETS = ("k4v2", "k3v3")
 ISO_DIM = 128
 
 
@@ -66,6 +74,7 @@ class BenchConfig:
     end_to_end: bool
     quick: bool
     seed: int = 0
+    model: str | None = None
 
 
 # ---------------------------------------------------------------- isotropic
@@ -225,10 +234,97 @@ def calibration_note(info: dict) -> str:
     return "".join(n + "\n\n" for n in notes)
 
 
+# ---------------------------------------------------------------- llm
+
+
+def llm_protocol(config: BenchConfig):
+    """The decoder protocol of the main job: 6 windows of 640 tokens, 512 prefilled (2 with --quick)."""
+    from .decoder import Protocol
+
+    return Protocol(window=640, prefill=512, windows=2 if config.quick else 6)
+
+
+def llm_rows(config: BenchConfig, progress) -> dict:
+    """`rotorquant.bench.decoder` under `llm_protocol`: the reference, every rotation at every preset, the peers;
+    per layer, anisotropy and the attention-output cosine of every rotation at `LLM_COSINE_PRESETS`."""
+    import torch
+
+    from rotorquant.presets import PRESETS, preset
+
+    from . import decoder
+
+    start = time.perf_counter()
+    tokenizer, model, name = decoder.load_model(config.model)
+    text, origin = decoder.evaluation_text()
+    ids = tokenizer(text).input_ids
+    protocol = llm_protocol(config)
+    reference = decoder.Reference(model, ids, protocol, progress)
+    methods = [decoder.Method("rotorquant", p, r) for p in PRESETS for r in LLM_ROTATIONS]
+    methods += [decoder.Method(kind, bits=bits) for kind, bits in LLM_PEERS]
+    rows = [reference.run("fp32 (exact)", lambda: decoder.Method("exact").cache(model.config), decoder.held_bytes)]
+    for method in progress(methods, "llm methods"):
+        rows.append(reference.run(method.label, lambda m=method: m.cache(model.config), decoder.held_bytes))
+    layers = decoder.capture_qkv(model, torch.as_tensor(ids[: protocol.prefill]))
+    dim = layers[0][1].shape[-1]
+    cosines = {
+        f"{r} {p.upper()}": decoder.layer_cosines(layers, *(
+            dataclasses.replace(s, rotation=r, stages=None) for s in preset(p).specs(dim, seed=config.seed)
+        ))
+        for p in LLM_COSINE_PRESETS
+        for r in LLM_ROTATIONS
+    }  # fmt: skip
+    return dict(
+        model=name, text=origin, protocol=dataclasses.asdict(protocol), tokens=len(ids),
+        reference_ppl=reference.ppl, rows=[r.as_dict() for r in rows], cosines=cosines,
+        anisotropy=decoder.anisotropy(layers), seconds=time.perf_counter() - start,
+    )  # fmt: skip
+
+
+def llm_tables(result: dict) -> str:
+    """The perplexity table and the per-layer table, as Markdown."""
+    p = result["protocol"]
+    lines = [
+        f"Model: {result['model']}. Text: {result['text']['title']}, {result['text']['file']} of "
+        f"{result['text']['package']}, SHA-256 {result['text']['sha256'][:16]}..., {result['tokens']} tokens. "
+        f"{p['windows']} windows of {p['window']} tokens: {p['prefill']} prefilled exactly, then chunks of "
+        f"{p['chunk']} reading the compressed past; {p['windows'] * (p['window'] - p['prefill'] - 1)} tokens scored. "
+        f"fp32 perplexity {result['reference_ppl']:.3f}.",
+        "",
+        "| method | bytes/token/layer | perplexity | change vs fp32 | +- (s.e. over windows) | KL | s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['label']} | {r['bytes_per_token_layer']:.0f} | {r['ppl']:.3f} | {r['dppl_pct']:+.2f}% "
+            f"| {r['sem_pct']:.2f}% | {r['kl']:.4f} | {r['seconds']:.1f} |"
+        )
+    lines += [
+        "",
+        "bytes: measured on each cache's tensors after every chunk, averaged (quanto and HQQ keep up to 128 "
+        "recent tokens in full precision between requantizations). +-: standard error of the change over the "
+        "windows, all methods on the same windows.",
+        "",
+        "Per layer: max/median per-channel RMS of keys and values after RoPE (mean over KV heads), and the cosine "
+        "of causal attention outputs over quantize-dequantized against exact keys and values (prefill of the "
+        "first window, torch tier).",
+        "",
+    ]
+    names = list(result["cosines"])
+    lines.append("| layer | key anisotropy | value anisotropy | " + " | ".join(f"cos {n}" for n in names) + " |")
+    lines.append("|---:|---:|---:|" + "---:|" * len(names))
+    for i, (ka, va) in enumerate(result["anisotropy"]):
+        cells = " | ".join(f"{result['cosines'][n][i]:.4f}" for n in names)
+        lines.append(f"| {i} | {ka:.2f} | {va:.2f} | {cells} |")
+    means = " | ".join(f"{np.mean(result['cosines'][n]):.4f}" for n in names)
+    ka, va = np.mean([a[0] for a in result["anisotropy"]]), np.mean([a[1] for a in result["anisotropy"]])
+    lines.append(f"| mean | {ka:.2f} | {va:.2f} | {means} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- speed
 
 
-SPEED_VECTORS = {False: 65536, True: 4096}  # the issue's size; --quick keeps it small
+SPEED_VECTORS = {False: 65536, True: 4096}  # vectors of the CPU speed table; --quick keeps it small
 
 
 def speed_rows(config: BenchConfig) -> list[list[dict]]:
@@ -304,17 +400,18 @@ def gpu_speed_table(rows: list[dict]) -> str:
 
 
 def write_plot(path: str, results: dict) -> None:
-    """A PNG: isotropic MSE against bits, and real attention-output cosine against bits, per method."""
+    """A PNG: isotropic MSE and MiniLM attention-output cosine against bits, per method; the decoder's
+    perplexity change against bytes per token per layer, and its per-layer attention-output cosine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
     for key, ax, metric, title, log in (
-        ("isotropic", axes[0], "mse", f"isotropic unit vectors, d={ISO_DIM}: MSE", True),
-        ("fidelity", axes[1], "attn_cosine", "MiniLM: attention-output cosine", False),
+        ("isotropic", axes[0, 0], "mse", f"isotropic unit vectors, d={ISO_DIM}: MSE", True),
+        ("fidelity", axes[0, 1], "attn_cosine", "MiniLM: attention-output cosine", False),
     ):
         rows = results.get(key, [])
         labels = sorted({_row_label(r) for r in rows})
@@ -326,17 +423,41 @@ def write_plot(path: str, results: dict) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
-        if labels:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
+        _legend_or_empty(ax, labels)
+    llm = results.get("llm")
+    ax = axes[1, 0]
+    if llm:
+        groups: dict[str, list] = {}
+        for r in llm["rows"][1:]:
+            groups.setdefault(r["label"].split(" ")[0], []).append(r)
+        for name, rows in groups.items():
+            rows = sorted(rows, key=lambda r: r["bytes_per_token_layer"])
+            ax.errorbar([r["bytes_per_token_layer"] for r in rows], [r["dppl_pct"] for r in rows],
+                        yerr=[r["sem_pct"] for r in rows], marker="o", capsize=3, label=name)  # fmt: skip
+        ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_title("decoder: perplexity change vs fp32 (%)")
+    ax.set_xlabel("bytes per token per layer")
+    _legend_or_empty(ax, bool(llm))
+    ax = axes[1, 1]
+    for name, cos in (llm or {}).get("cosines", {}).items():
+        ax.plot(range(len(cos)), cos, marker=".", label=name)
+    ax.set_title("decoder: attention-output cosine per layer")
+    ax.set_xlabel("layer")
+    _legend_or_empty(ax, bool(llm))
     fig.tight_layout()
     try:
-        fig.savefig(path, dpi=120)
+        fig.savefig(path, dpi=110)
     except OSError as exc:
         raise BenchError(f"--plot: cannot write {path!r}: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
+
+
+def _legend_or_empty(ax, measured) -> None:
+    if measured:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
 
 
 def _row_label(row: dict) -> str:
@@ -439,8 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--no-end-to-end", action="store_true", help="skip the sentence-embedding columns")
     bench.add_argument("--seed", type=_positive_int(0), default=0, help="quantizer seed (default 0)")
-    bench.add_argument("--json", metavar="PATH", help="also write every measured number as JSON")
-    bench.add_argument("--plot", metavar="PATH", help="also write a PNG plot (matplotlib)")
+    bench.add_argument(
+        "--model", metavar="PATH", default=None,
+        help="the llm section's model: the folder of a local transformers causal LM (default SmolLM2-135M-Instruct)",
+    )  # fmt: skip
+    bench.add_argument("--json", metavar="PATH.json", help="also write every measured number as JSON")
+    bench.add_argument("--plot", metavar="PATH.png", help="also write a PNG plot (matplotlib)")
     return parser
 
 
@@ -484,6 +609,10 @@ def run_bench(config: BenchConfig, out=None) -> dict:
             file=out,
         )
         print(calibration_note(info), file=out)
+    if "llm" in config.sections:
+        results["llm"] = llm_rows(config, progress)
+        print(f"## A real decoder LLM: perplexity with a compressed past (_{results['llm']['seconds']:.0f} s_)\n", file=out)
+        print(llm_tables(results["llm"]) + "\n", file=out)
     if "speed" in config.sections:
         from .timing import speed_table_markdown
 
@@ -498,7 +627,27 @@ def run_bench(config: BenchConfig, out=None) -> dict:
     return results
 
 
+def check_output_path(option: str, path: str | None, suffix: str) -> None:
+    """An output file named by ``option`` can be written where it says, before anything is measured: a path
+    ending in ``suffix`` (never rewritten to another name) whose folder exists, and not a folder itself."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise BenchError(f"{option}: expected a file path ending in {suffix}, got the folder {path!r}")
+    if not path.endswith(suffix):
+        raise BenchError(f"{option}: expected a file path ending in {suffix}, got {path!r}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise BenchError(f"{option}: expected a file in an existing folder, got {path!r} ({folder} does not exist)")
+    if not os.access(folder, os.W_OK):
+        raise BenchError(f"{option}: expected a file in a writable folder, got {path!r} ({folder} is not writable)")
+
+
 def _bench(args: argparse.Namespace) -> int:
+    check_output_path("--json", args.json, ".json")
+    check_output_path("--plot", args.plot, ".png")
+    if args.model is not None and not os.path.isdir(args.model):
+        raise BenchError(f"--model: expected the folder of a local transformers causal LM, got {args.model!r}")
     methods = [parse_method(label) for label in dict.fromkeys(args.methods)]
     bits = sorted(set(args.bits))
     if all(b < _min_bits(m) for m in methods for b in bits):
@@ -512,6 +661,7 @@ def _bench(args: argparse.Namespace) -> int:
         end_to_end=not args.no_end_to_end,
         quick=args.quick,
         seed=args.seed,
+        model=args.model,
     )
     results = run_bench(config)
     if args.json:
@@ -534,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, ValueError, ImportError) as exc:
         print(f"rotorquant {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rotorquant {args.command}: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     return 0
 
 

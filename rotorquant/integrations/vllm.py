@@ -16,13 +16,12 @@ slot_bytes)`` (vLLM's ``LBNHC`` layout), so every block's bytes are contiguous (
 
 `paged_codes` views the K and V fields of a cache as two `rotorquant.Compressed` of leading shape
 ``(num_blocks, Hkv, page)`` (strided views, no copy), which ``attention(..., block_table=...)`` reads
-in place. Stores quantize the new tokens with the tier's ``quantize(validate=False)`` and write
-whole slots with one indexed copy (`write_slots`): ``quantize_into`` cannot write these views,
-because it refuses cache fields whose address ranges overlap, and interleaved fields' ranges do.
+in place, and the tier's ``quantize_into(..., validate=False)`` writes new tokens into (the cache's
+fields are interleaved in each slot, which ``quantize_into`` accepts since no two share a byte).
 
 The attention impl (per layer, per step; vLLM reorders decodes to the front of the batch):
 
-- ``do_kv_cache_update``: quantize K and V, write the slots at vLLM's ``slot_mapping`` (-1: skip);
+- ``do_kv_cache_update``: one ``quantize_into`` each for K and V at vLLM's ``slot_mapping`` (-1: skip);
 - decodes (one uniform query length ``T``, 1 or ``1 + num_speculative_tokens``): one
   ``attention(q, k, v, ..., block_table=..., lengths=seq_lens, causal=True, validate=False)``,
   no host synchronization, so vLLM captures it in CUDA graphs (``UNIFORM_BATCH``);
@@ -46,18 +45,11 @@ import math
 import re
 
 import rotorquant as rq
-
-# The presets (key bits, value bits, rotation); every preset also has norm_correction=True, qjl=False.
-# This table mirrors the project's presets: it is to be replaced by an import of rotorquant.presets.
-PRESETS: dict[str, tuple[int, int, str]] = {
-    "k4v4": (4, 4, "dense"),
-    "k4v2": (4, 2, "dense"),
-    "k3v3": (3, 3, "dense"),
-}
+from rotorquant.presets import PRESETS
 
 DTYPE_PREFIX = "rotorquant_"
 CACHE_DTYPES = tuple(DTYPE_PREFIX + preset for preset in PRESETS)
-"""The ``--kv-cache-dtype`` values `register` adds, one per preset."""
+"""The ``--kv-cache-dtype`` values `register` adds, one per preset of `rotorquant.presets`."""
 
 BACKEND_NAME = "ROTORQUANT"
 BACKEND_PATH = f"{__name__}.RotorQuantAttentionBackend"
@@ -65,7 +57,8 @@ MIN_VLLM = (0, 33)
 BOUNDARY_LAYERS = 2
 """Attention layers kept at the model's precision at each end of the stack."""
 HEAD_SIZES = (64, 128, 256)
-K_SEED, V_SEED = 0, 1
+K_SEED = 0
+"""The keys' seed; values take ``K_SEED + 1`` (`rotorquant.presets.Preset.specs`)."""
 TIERS = {"cuda": "rotorquant.tiers.triton", "cpu": "rotorquant.tiers.torch"}
 """The tier that runs on each device type (`tier_for`)."""
 
@@ -76,9 +69,7 @@ def specs(cache_dtype: str, head_size: int) -> tuple[rq.QuantizerSpec, rq.Quanti
     preset = cache_dtype.removeprefix(DTYPE_PREFIX) if known else None
     if preset not in PRESETS:
         raise ValueError(f"cache_dtype: expected one of {list(CACHE_DTYPES)}, got {cache_dtype!r}")
-    k_bits, v_bits, rotation = PRESETS[preset]
-    common = dict(dim=head_size, rotation=rotation, norm_correction=True)
-    return rq.QuantizerSpec(bits=k_bits, seed=K_SEED, **common), rq.QuantizerSpec(bits=v_bits, seed=V_SEED, **common)
+    return PRESETS[preset].specs(head_size, seed=K_SEED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,27 +395,21 @@ def _vllm_classes() -> dict:
                 self.v_params = rq.build_params(self.layout.v_spec)
 
         def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
-            """Store the step's keys and values ``(N, Hkv, d)`` at ``slot_mapping (N,)`` (-1: skip)."""
+            """Store the step's keys and values ``(N, Hkv, d)`` at ``slot_mapping (N,)`` (-1: skip): one unchecked
+            ``quantize_into`` each for K and V, straight into the packed slots."""
             n = slot_mapping.shape[0]
-            pool = kv_cache.transpose(1, 2)  # (num_blocks, page, Hkv, content)
             if self.layout is None:
-                rows = torch.cat([key[:n], value[:n]], dim=-1).to(pool.dtype)
-            else:
-                tier = tier_for(key.device)
-                k = tier.quantize(key[:n], self.k_params, validate=False)
-                v = tier.quantize(value[:n], self.v_params, validate=False)
-                gap = self.layout.k_norm - (self.layout.v_codes + self.layout.v_spec.code_bytes)
-                rows = torch.cat(
-                    [
-                        k.codes,
-                        v.codes,
-                        k.codes.new_zeros((*k.codes.shape[:-1], gap)),
-                        k.norms.unsqueeze(-1).view(torch.uint8),
-                        v.norms.unsqueeze(-1).view(torch.uint8),
-                    ],
-                    dim=-1,
-                )
-            write_slots(pool, slot_mapping, rows)
+                pool = kv_cache.transpose(1, 2)  # (num_blocks, page, Hkv, content)
+                write_slots(pool, slot_mapping, torch.cat([key[:n], value[:n]], dim=-1).to(pool.dtype))
+                return
+            tier = tier_for(key.device)
+            heads = key.shape[1]
+            # entry (block, slot, head) of the stored (num_blocks, page, Hkv) layout: s * Hkv + h, -1 kept
+            slots = slot_mapping.to(torch.int64)[:n, None]
+            flat = torch.where(slots >= 0, slots * heads + torch.arange(heads, device=slots.device), -1)
+            for x, params, code in zip((key, value), (self.k_params, self.v_params), paged_codes(kv_cache, self.layout, key.dtype)):
+                stored = dataclasses.replace(code, **{f: getattr(code, f).transpose(1, 2) for f in ("codes", "norms")})
+                tier.quantize_into(x[:n], params, stored, flat, validate=False)
 
         def forward(
             self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,

@@ -1,7 +1,9 @@
 """Triton kernels behind `rotorquant.tiers.triton` (one concept per module).
 
-- `bitpack`: ``@triton.jit`` helpers that read and write the packed code format of
-  `rotorquant.format` inside a kernel.
+- `bitstream`: ``@triton.jit`` helpers that read and write the packed code format of
+  `rotorquant.format` (either packing) inside a kernel.
+- `levels`: packed codes to the centroid levels and QJL signs they stand for (float16 levels of
+  interleaved rows by byte-permute table lookups).
 - `quantize`: fused norm -> rotation -> nearest centroid -> bit-pack (-> QJL sketch).
 - `dequantize`: fused unpack -> centroids -> inverse rotation -> scale (+ QJL term).
 - `scores`: ``q . x_hat`` straight from packed codes, in the rotated domain.

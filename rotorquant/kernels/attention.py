@@ -19,6 +19,14 @@ Values stay in V's rotated domain: the split accumulates ``sum_n p_n v_n c[k_n]`
 ``sum_n p_n rho_n z_n`` (V's norms ``v_n``, residual norms ``rho_n``, signs ``z_n``), with the
 running max ``mx`` and denominator ``l``.
 
+The loop is bound by the instructions that unpack codes, so everything else is taken out of it: the
+split's largest value norm ``v_big`` (and residual norm) is found by a pass over the split's norms
+before the loop, so the value weights ``p_n v_n / v_big`` need no per-block max; without K's QJL
+the logits are kept in units of the query row's max ``|q'|`` (``q_max``, out of the products), so a
+logit costs one multiply by ``s_n`` and the exponent one FMA, ``t q_max - mx q_max``; the denominator
+is summed per key and reduced after the loop, and the value products accumulate in place. Codes in
+the interleaved packing become float16 levels by byte-permute lookups (`rotorquant.kernels.levels`).
+
 Pass 2, `attention_combine_kernel`: merges the splits (weights ``2^(mx_s - max)``), divides by
 ``l`` (NaN for a sequence whose length is out of range, which only ``validate=False`` lets through)
 and maps back to the original space once per query:
@@ -27,13 +35,13 @@ and maps back to the original space once per query:
 
 Operands of the two ``tl.dot`` s of pass 1 are cast to ``DOT_DTYPE`` (float16 for half
 precision queries, float32 otherwise). Query rows are divided by their max ``|q'|`` and the
-value weights ``p_n v_n`` by their block max first, so float16 operands lie in [-1, 1].
+value weights ``p_n v_n`` by the split's max ``v_big`` first, so float16 operands lie in [-1, 1].
 """
 
 import triton
 import triton.language as tl
 
-from .levels import load_levels, load_signs
+from .levels import byte_tables, load_interleaved_levels, load_levels, load_signs
 
 
 @triton.jit
@@ -158,11 +166,13 @@ def _levels_at(
     n,  # (BLOCK_N,) int64 key (or slot) index
     k_ok,  # (BLOCK_N,) bool: which keys exist
     cent_ptr,  # (2**BITS,) CDT centroids
-    d,  # coordinates per vector
+    tables,  # INTERLEAVED with float16 DOT_DTYPE: the centroids' byte tables (`byte_tables`); else None
+    d: tl.constexpr,  # coordinates per vector
     m,  # QJL projections
-    code_bytes: tl.constexpr,  # ceil(d * BITS / 8)
     BITS: tl.constexpr,  # bits per code
     QJL: tl.constexpr,  # vectors carry a QJL sketch
+    INTERLEAVED: tl.constexpr,  # codes in the interleaved packing (else contiguous)
+    PRMT: tl.constexpr,  # INTERLEAVED float16 levels by inline prmt.b32 (a GPU); else by integer operations
     CDT: tl.constexpr,  # compute dtype
     DOT_DTYPE: tl.constexpr,  # dtype of the levels and signs (tl.dot operands)
     BLOCK_N: tl.constexpr,  # keys
@@ -173,10 +183,14 @@ def _levels_at(
     """``(levels (BLOCK_N, BLOCK_D), norms (BLOCK_N,), signs (BLOCK_N, BLOCK_M), residual norms (BLOCK_N,))``
     of a block of cached vectors; the QJL pair is ``(levels, norms)`` again without QJL."""
     codes, norms, signs, res = rows
-    level = load_levels(
-        codes + outer * strides[0] + n * strides[2], k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D,
-        DOT_DTYPE, WORDS,
-    )  # fmt: skip
+    code_rows = codes + outer * strides[0] + n * strides[2]
+    if INTERLEAVED:
+        level = load_interleaved_levels(
+            code_rows, k_ok, d, cent_ptr, tables, BITS, BLOCK_N, BLOCK_D, DOT_DTYPE, WORDS, PRMT
+        )
+    else:
+        code_bytes: tl.constexpr = (d * BITS + 7) // 8
+        level = load_levels(code_rows, k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, DOT_DTYPE, WORDS)
     norm = tl.load(norms + outer * strides[3] + n * strides[5], mask=k_ok, other=0.0).to(CDT)
     if QJL:
         z = load_signs(
@@ -189,16 +203,33 @@ def _levels_at(
 
 
 @triton.jit
-def _weighted(
-    p,  # (BLOCK_Q, BLOCK_N) CDT softmax weights
-    w,  # (BLOCK_N,) CDT per-key factors (value norms, or residual norms)
-    DOT_DTYPE: tl.constexpr,  # operand dtype of the tl.dot that follows
+def _split_max(
+    rows,  # V's (codes, norms, signs, res_norms) pointers at one head (`_field_rows`)
+    strides,  # their (batch, head, key) strides
+    start,  # the split's first key
+    end,  # its end (exclusive)
+    table,  # paged: (table_ptr, row stride, num_blocks), as `_key_slots` takes it
+    b,  # int64 sequence index
+    QJL: tl.constexpr,  # values carry a QJL sketch (also find the largest residual norm)
+    PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
+    CDT: tl.constexpr,  # compute dtype
+    BLOCK_N: tl.constexpr,  # keys per step
 ):
-    """``(p * w / w_max, w_max)``: the weights scaled by per-key factors divided by their block max (1 if all
-    are zero), so float16 operands lie in [-1, 1]."""
-    big = tl.max(w, axis=0)
-    big = tl.where(big > 0, big, 1.0)
-    return (p * (w / big)[None, :]).to(DOT_DTYPE), big
+    """``(v_big, r_big)``: the largest value norm and value residual norm of the split's keys (1 where all are
+    0, or without QJL for ``r_big``), so the value weights ``p v / v_big`` lie in [0, 1]."""
+    norms, res = rows[1], rows[3]
+    v_big = tl.zeros((BLOCK_N,), dtype=CDT)
+    r_big = tl.zeros((BLOCK_N,), dtype=CDT)
+    for n0 in range(start, end, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        k_ok = keys < end
+        outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE)  # bad ids: counted by the main loop
+        v_big = tl.maximum(v_big, tl.load(norms + outer * strides[3] + n * strides[5], mask=k_ok, other=0.0).to(CDT))
+        if QJL:
+            r_big = tl.maximum(r_big, tl.load(res + outer * strides[9] + n * strides[11], mask=k_ok, other=0.0).to(CDT))
+    v_big = tl.max(v_big, axis=0)
+    r_big = tl.max(r_big, axis=0)
+    return tl.where(v_big > 0, v_big, 1.0), tl.where(r_big > 0, r_big, 1.0)
 
 
 @triton.jit
@@ -228,12 +259,13 @@ def attention_split_kernel(
     dv: tl.constexpr,  # value dimension
     mk,  # K QJL projections
     mv,  # V QJL projections
-    k_code_bytes: tl.constexpr,  # ceil(dk * K_BITS / 8)
-    v_code_bytes: tl.constexpr,  # ceil(dv * V_BITS / 8)
     K_BITS: tl.constexpr,  # key bits per code
     V_BITS: tl.constexpr,  # value bits per code
     K_QJL: tl.constexpr,  # keys carry a QJL sketch
     V_QJL: tl.constexpr,  # values carry a QJL sketch
+    K_INTERLEAVED: tl.constexpr,  # K's codes in the interleaved packing (K_BITS 2..4, dk a multiple of 32)
+    V_INTERLEAVED: tl.constexpr,  # V's codes in the interleaved packing (V_BITS 2..4, dv a multiple of 32)
+    PRMT: tl.constexpr,  # interleaved float16 levels by inline prmt.b32 (a GPU); else by integer operations
     CAUSAL: tl.constexpr,  # query t sees only the first length - (q_len - 1 - t) keys
     PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
@@ -276,9 +308,26 @@ def attention_split_kernel(
     k_rows = _field_rows(k_cache, k_strides, seq, h)
     v_rows = _field_rows(v_cache, v_strides, seq, h)
     bad_ids = tl.zeros((BLOCK_N,), dtype=tl.int32)  # paged: keys whose block id is out of range
+    # interleaved float16 levels: the centroids' byte tables, once per program
+    if K_INTERLEAVED and DOT_DTYPE == tl.float16:
+        k_tables = byte_tables(k_cache[4], K_BITS)
+    else:
+        k_tables = None
+    if V_INTERLEAVED and DOT_DTYPE == tl.float16:
+        v_tables = byte_tables(v_cache[4], V_BITS)
+    else:
+        v_tables = None
+    v_big, r_big = _split_max(v_rows, v_strides, start, end, table, b, V_QJL, PAGE, CDT, BLOCK_N)
+    v_inv, r_inv = 1.0 / v_big, 1.0 / r_big
+    # logits t are kept in units of t_scale per row: without K's QJL the query's max |q'| stays out of the
+    # products (the logit is t * q_max), with it both terms are scaled in full (t_scale = 1)
+    if K_QJL:
+        t_scale = tl.full((BLOCK_Q,), 1.0, dtype=CDT)
+    else:
+        t_scale = q_max
 
     mx = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
-    denom = tl.zeros((BLOCK_Q,), dtype=CDT)
+    l_keys = tl.zeros((BLOCK_Q, BLOCK_N), dtype=CDT)  # the denominator, per key column; summed after the loop
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=CDT)
     accq = tl.zeros((BLOCK_Q, BLOCK_MV), dtype=CDT)
     for n0 in range(start, end, BLOCK_N):
@@ -286,14 +335,15 @@ def attention_split_kernel(
         k_ok = keys < end
         outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE)
         bad_ids += bad.to(tl.int32)
-        # logits of this key block (base 2)
+        # logits of this key block (base 2, in units of t_scale)
         level, kn, z, rho = _levels_at(
-            k_rows, k_strides, outer, n, k_ok, k_cache[4], dk, mk, k_code_bytes, K_BITS, K_QJL, CDT, DOT_DTYPE,
-            BLOCK_N, BLOCK_DK, BLOCK_MK, K_WORDS,
+            k_rows, k_strides, outer, n, k_ok, k_cache[4], k_tables, dk, mk, K_BITS, K_QJL, K_INTERLEAVED, PRMT,
+            CDT, DOT_DTYPE, BLOCK_N, BLOCK_DK, BLOCK_MK, K_WORDS,
         )  # fmt: skip
-        t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * q_max[:, None] * kn[None, :]
+        t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * kn[None, :]
         if K_QJL:
-            t += tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION) * sk_max[:, None] * rho[None, :]
+            sketch = tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION)
+            t = t * q_max[:, None] + sketch * sk_max[:, None] * rho[None, :]
         if CAUSAL:
             t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
         else:
@@ -305,20 +355,24 @@ def attention_split_kernel(
             ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
         else:
             ref = mx_new
-        alpha = tl.exp2(mx - ref)
-        p = tl.exp2(t - ref[:, None])
-        denom = denom * alpha + tl.sum(p, axis=1)
+        alpha = tl.exp2((mx - ref) * t_scale)
+        p = tl.exp2(t * t_scale[:, None] - (ref * t_scale)[:, None])
+        l_keys = l_keys * alpha[:, None] + p
         mx = mx_new
-        # values, in V's rotated domain
+        # values, in V's rotated domain, weighted by p v / v_big (and p rho / r_big) in [0, 1]
         vlevel, vn, vz, vrho = _levels_at(
-            v_rows, v_strides, outer, n, k_ok, v_cache[4], dv, mv, v_code_bytes, V_BITS, V_QJL, CDT, DOT_DTYPE,
-            BLOCK_N, BLOCK_DV, BLOCK_MV, V_WORDS,
+            v_rows, v_strides, outer, n, k_ok, v_cache[4], v_tables, dv, mv, V_BITS, V_QJL, V_INTERLEAVED, PRMT,
+            CDT, DOT_DTYPE, BLOCK_N, BLOCK_DV, BLOCK_MV, V_WORDS,
         )  # fmt: skip
-        pv, v_big = _weighted(p, vn, DOT_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(pv, vlevel, input_precision=DOT_PRECISION) * v_big
+        pv = (p * (vn * v_inv)[None, :]).to(DOT_DTYPE)
+        acc = tl.dot(pv, vlevel, acc * alpha[:, None], input_precision=DOT_PRECISION)
         if V_QJL:
-            pr, r_big = _weighted(p, vrho, DOT_DTYPE)
-            accq = accq * alpha[:, None] + tl.dot(pr, vz, input_precision=DOT_PRECISION) * r_big
+            pr = (p * (vrho * r_inv)[None, :]).to(DOT_DTYPE)
+            accq = tl.dot(pr, vz, accq * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = acc * v_big
+    accq = accq * r_big
+    mx = mx * t_scale
+    denom = tl.sum(l_keys, axis=1)
 
     if PAGE:  # a bad block id where this split's keys lie: the split's denominator NaN makes the rows NaN
         denom = tl.where(tl.sum(bad_ids, axis=0) > 0, float("nan"), denom)

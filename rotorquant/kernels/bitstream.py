@@ -21,6 +21,11 @@ Writing (`store_codes`): the first sum above builds the words, the second splits
 Both sums add disjoint bit fields, so ``tl.sum`` computes them exactly (no carries), which
 is much faster than ``tl.reduce`` with a bitwise-or combine. Words of up to 32 bits
 (``BITS <= 4``) are unsigned 32-bit integers; only wider codes pay for 64-bit arithmetic.
+
+Rows in the interleaved packing (``spec.packing == "interleaved"``, layout below and in
+``rotorquant.format``) are read whole as byte-permute selectors (`interleaved_selectors`), or as codes
+(`selector_codes`), at arbitrary coordinates bit by bit (`gather_interleaved`), and written in whole
+chunks of 32 codes (`store_interleaved`).
 """
 
 import triton
@@ -191,3 +196,189 @@ def store_codes(
     offs = first_byte + tl.arange(0, WIDTH // 8)[:, None] * BITS + lane[None, :]
     ok = (lane[None, :] < BITS) & (offs < n_bytes)
     tl.store(row_ptr[:, None, None] + offs[None, :, :], raw.to(tl.uint8), mask=row_mask[:, None, None] & ok[None, :, :])
+
+
+# ---------------------------------------------------------------------------- the interleaved packing
+# (``rotorquant.format``): a row is BITS planes of C = d / 32 uint32 words, plane p's word c at word
+# p * C + c; with G_g[n] the code of coordinate 32c + 8g + n, nibble n of chunk c's words holds
+#   2 bits: plane 0: G_0[n] | G_2[n] << 2, plane 1: G_1[n] | G_3[n] << 2
+#   3 bits: plane p: G_p[n] | (bit p of G_3[n]) << 3
+#   4 bits: planes 0..2 as 3 bits on the magnitude indices m (k - 8, or 7 - k below 8); plane 3 bit 8j + s:
+#           the top bit of coordinate 32c + 4s + j
+
+
+@triton.jit
+def _plane_words(
+    row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8)
+    row_mask,  # (ROWS,) bool: which rows exist
+    chunks,  # int: 32-code chunks per row (d / 32), the words of one plane
+    P: tl.constexpr,  # which plane
+    CT: tl.constexpr,  # chunks in the tile (power of two >= chunks)
+    WORDS: tl.constexpr,  # rows start 4-byte aligned: one 32-bit load per word (else 4 byte loads)
+):
+    """``(ROWS, CT)`` uint32 words of plane ``P``; 0 for rows that do not exist and chunks past ``chunks``."""
+    c = tl.arange(0, CT)
+    ok = row_mask[:, None] & (c < chunks)[None, :]
+    word = P * chunks + c
+    if WORDS:
+        return tl.load(row_ptr.to(tl.pointer_type(tl.uint32))[:, None] + word[None, :], mask=ok, other=0)
+    else:
+        w = tl.zeros(ok.shape, dtype=tl.uint32)
+        for i in tl.static_range(4):
+            byte = tl.load(row_ptr[:, None] + (4 * word + i)[None, :], mask=ok, other=0)
+            w = w | (byte.to(tl.uint32) << (8 * i))
+        return w
+
+
+@triton.jit
+def _by_selector(s0, s1, s2, s3, s4, s5, s6, s7):
+    """``(ROWS, CT, 2, 2, 2)`` from eight ``(ROWS, CT)`` tensors: element ``[.., a, b, c]`` is ``s_{4a+2b+c}``
+    (nested joins, kept in one thread's registers)."""
+    even = tl.join(tl.join(s0, s4), tl.join(s2, s6))
+    odd = tl.join(tl.join(s1, s5), tl.join(s3, s7))
+    return tl.join(even, odd)
+
+
+@triton.jit
+def interleaved_selectors(
+    row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8), rows in the interleaved packing
+    row_mask,  # (ROWS,) bool: which rows exist (the others read as all-zero words)
+    count,  # int: codes per row (d, a multiple of 32)
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+    CT: tl.constexpr,  # 32-code chunks in the tile (power of two >= d / 32)
+    WORDS: tl.constexpr,  # rows start 4-byte aligned (one 32-bit load per word)
+):
+    """``(sel, top)``, each ``(ROWS, CT, 2, 2, 2)`` uint32: element ``[r, c, s]`` (``s`` flattened) of ``sel``
+    holds in nibbles 0..3 the codes (4 bits: magnitude indices) of coordinates ``32c + 4s + j``, ``j`` = 0..3,
+    as byte-permute selectors (bit 3 of every nibble clear); ``top`` (4 bits) holds code ``j``'s top bit at
+    bit ``8j + 7``. From the plane words A, B, C, D:
+
+        2 bits: s = 0..3: A, A >> 16, B, B >> 16 masked by 0x33333333; s = 4..7: the same of A >> 2, B >> 2
+        3, 4 bits: s = 0..5: A, A >> 16, B, B >> 16, C, C >> 16 masked by 0x77777777; s = 6, 7: the nibbles'
+            bits 3 gathered, E = (A >> 3 & 0x11111111) | (B >> 2 & 0x22222222) | (C >> 1 & 0x44444444), E >> 16
+        4 bits, top: D << (7 - s)
+    """
+    chunks = count // 32
+    a = _plane_words(row_ptr, row_mask, chunks, 0, CT, WORDS)
+    b = _plane_words(row_ptr, row_mask, chunks, 1, CT, WORDS)
+    if BITS == 2:
+        a0, b0 = a & 0x33333333, b & 0x33333333
+        a1, b1 = (a >> 2) & 0x33333333, (b >> 2) & 0x33333333
+        sel = _by_selector(a0, a0 >> 16, b0, b0 >> 16, a1, a1 >> 16, b1, b1 >> 16)
+        return sel, sel
+    else:
+        c = _plane_words(row_ptr, row_mask, chunks, 2, CT, WORDS)
+        spread = ((a >> 3) & 0x11111111) | ((b >> 2) & 0x22222222) | ((c >> 1) & 0x44444444)
+        a, b, c = a & 0x77777777, b & 0x77777777, c & 0x77777777
+        sel = _by_selector(a, a >> 16, b, b >> 16, c, c >> 16, spread, spread >> 16)
+        if BITS == 4:
+            d = _plane_words(row_ptr, row_mask, chunks, 3, CT, WORDS)
+            return sel, _by_selector(d << 7, d << 6, d << 5, d << 4, d << 3, d << 2, d << 1, d)
+        else:
+            return sel, sel
+
+
+@triton.jit
+def selector_codes(
+    sel,  # (..) uint32 selectors of `interleaved_selectors`
+    top,  # (..) uint32 their top bits (4 bits)
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+):
+    """``(.., 2, 2)`` int32 codes of the 4 nibbles (element ``[i, k]``: nibble ``2i + k``), for 4 bits in
+    `read_codes`'s sign-magnitude form: ``top << 3 | m``."""
+    n0, n1, n2, n3 = sel & 15, (sel >> 4) & 15, (sel >> 8) & 15, (sel >> 12) & 15
+    if BITS == 4:
+        n0, n1 = n0 | ((top >> 4) & 8), n1 | ((top >> 12) & 8)
+        n2, n3 = n2 | ((top >> 20) & 8), n3 | ((top >> 28) & 8)
+    return tl.join(tl.join(n0, n2), tl.join(n1, n3)).to(tl.int32)
+
+
+@triton.jit
+def gather_interleaved(
+    row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8), rows in the interleaved packing
+    index,  # (ROWS, COLS) or (1, COLS) int32 coordinate index of every wanted code
+    mask,  # (ROWS, COLS) bool: which codes to read; the others are 0
+    count,  # int: codes per row (d, a multiple of 32)
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+):
+    """``(ROWS, COLS)`` int32 codes at arbitrary coordinates, bit by bit: bit ``t`` of coordinate
+    ``32c + 8g + n`` (``= 32c + 4s + j``) is bit ``pos`` of word ``c`` of plane ``p``, with ``(p, pos)`` =
+    ``(g % 2, 4n + 2 (g // 2) + t)`` at 2 bits; ``(g, 4n + t)`` for ``g < 3``, else ``(t, 4n + 3)``, at 3 bits
+    and for 4 bits' magnitude bits ``t < 3``; ``(3, 8j + s)`` for the top bit."""
+    chunks = count // 32
+    c, r = index // 32, index % 32
+    g, n = r // 8, r % 8
+    code = tl.zeros(mask.shape, dtype=tl.int32)
+    for t in tl.static_range(BITS):
+        if BITS == 2:
+            plane, pos = g % 2, 4 * n + 2 * (g // 2) + t
+        elif t == 3:
+            plane, pos = tl.full(r.shape, 3, tl.int32), 8 * (r % 4) + r // 4
+        else:
+            plane, pos = tl.where(g < 3, g, t), 4 * n + tl.where(g < 3, t, 3)
+        bit = 32 * (plane * chunks + c) + pos
+        byte = tl.load(row_ptr[:, None] + bit // 8, mask=mask, other=0).to(tl.int32)
+        code = code | (((byte >> (bit % 8)) & 1) << t)
+    if BITS == 4:  # top << 3 | m: 8 + m in the upper half, 7 - m in the lower
+        code = tl.where(code >= 8, code, 7 - code)
+    return code
+
+
+@triton.jit
+def _store_words(
+    row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8)
+    ok,  # (ROWS, CT) bool: which words to write
+    word,  # (ROWS, CT) uint32 words
+    index,  # (CT,) int32 word index of each column within the row
+):
+    """Write the words byte by byte, little-endian (rows may have any alignment)."""
+    lane = tl.arange(0, 4)
+    raw = (word[:, :, None] >> (8 * lane).to(tl.uint32)[None, None, :]) & 255
+    offs = 4 * index[None, :, None] + lane[None, None, :]
+    tl.store(row_ptr[:, None, None] + offs, raw.to(tl.uint8), mask=ok[:, :, None])
+
+
+@triton.jit
+def store_interleaved(
+    row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8)
+    row_mask,  # (ROWS,) bool: which rows exist
+    codes,  # (ROWS, WIDTH) integer codes in [0, 2**BITS) of coordinates 32 * first_chunk ..
+    first_chunk,  # int: the tile's first 32-code chunk
+    chunks,  # int: 32-code chunks per row (d / 32); chunks at or past it are not written
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+    ROWS: tl.constexpr,  # rows in the tile
+    WIDTH: tl.constexpr,  # codes per row in the tile (a multiple of 32)
+):
+    """Write the tile's whole chunks in the interleaved packing. The 8 codes of group ``g`` of chunk ``c`` (4 bits:
+    their magnitude indices) become the nibbles of one word ``N_g = sum_n G_g[n] << 4n`` (a sum of disjoint bit
+    fields, exact, as in `store_codes`), and the planes follow with a few word operations:
+
+        2 bits: N_0 | N_2 << 2,  N_1 | N_3 << 2
+        3, 4 bits: plane p = N_p | (N_3 << (3 - p)) & 0x88888888 (bit p of each code of group 3 to its nibble's bit 3)
+        4 bits, plane 3: sum over the chunk's codes of (k >> 3) << (8j + s), coordinate 32c + 4s + j
+    """
+    tl.static_assert(WIDTH % 32 == 0, "the interleaved packing is written in whole chunks of 32 codes")
+    CT: tl.constexpr = WIDTH // 32
+    k = codes.to(tl.uint32)
+    top = k >> 3
+    if BITS == 4:  # the magnitude index
+        k = tl.where(top != 0, k - 8, 7 - k)
+    nibble = (4 * tl.arange(0, 8)).to(tl.uint32)
+    groups = tl.sum(tl.reshape(k, (ROWS, 4 * CT, 8)) << nibble[None, None, :], axis=2)
+    even, odd = tl.split(tl.reshape(groups, (ROWS, CT, 2, 2)))  # [.., g // 2, g % 2]
+    n0, n2 = tl.split(even)
+    n1, n3 = tl.split(odd)
+    chunk = first_chunk + tl.arange(0, CT)
+    ok = row_mask[:, None] & (chunk < chunks)[None, :]
+    if BITS == 2:
+        _store_words(row_ptr, ok, n0 | (n2 << 2), chunk)
+        _store_words(row_ptr, ok, n1 | (n3 << 2), chunks + chunk)
+    else:
+        _store_words(row_ptr, ok, n0 | ((n3 << 3) & 0x88888888), chunk)
+        _store_words(row_ptr, ok, n1 | ((n3 << 2) & 0x88888888), chunks + chunk)
+        _store_words(row_ptr, ok, n2 | ((n3 << 1) & 0x88888888), 2 * chunks + chunk)
+        if BITS == 4:
+            r = tl.arange(0, 32)
+            place = (8 * (r % 4) + r // 4).to(tl.uint32)
+            tops = tl.sum(tl.reshape(top, (ROWS, CT, 32)) << place[None, None, :], axis=2)
+            _store_words(row_ptr, ok, tops, 3 * chunks + chunk)

@@ -11,8 +11,8 @@ For a row with codes ``k``, stored norm ``s`` and, with QJL, signs ``z`` and res
 import triton
 import triton.language as tl
 
-from .bitstream import gather_codes
-from .levels import centroid_levels, load_levels, load_signs
+from .bitstream import gather_codes, gather_interleaved
+from .levels import centroid_levels, load_interleaved_levels, load_levels, load_signs
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def dequantize_kernel(
     n,  # number of vectors
     d,  # vector dimension
     out_ptr,  # (n, d) output, rows d apart, in the code's dtype (float32 for bfloat16 under the interpreter)
-    rot_ptr,  # DENSE: (BLOCK_D, BLOCK_D) CDT R zero-padded; rotor: (3, BLOCK_D) transposed weights W^T
+    rot_ptr,  # MATRIX: (BLOCK_D, BLOCK_D) CDT R zero-padded; else: (3, BLOCK_D) transposed rotor weights W^T
     cent_ptr,  # (2**BITS,) CDT centroids
     signs_ptr,  # QJL: (n, sign_bytes) uint8 packed signs
     sign_bytes,  # QJL: ceil(m / 8)
@@ -33,13 +33,14 @@ def dequantize_kernel(
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
     BITS: tl.constexpr,  # bits per code (spec.mse_bits)
-    DENSE: tl.constexpr,  # True: dense rotation; False: rotor blocks
+    MATRIX: tl.constexpr,  # True: the rotation as a matrix (tl.dot); False: one stage of rotor blocks
     QJL: tl.constexpr,  # True: add the QJL term
     BLOCK_N: tl.constexpr,  # vectors per program
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # output coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
     WORDS: tl.constexpr,  # packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
+    INTERLEAVED: tl.constexpr,  # codes in the interleaved packing (BITS 2..4, d a multiple of 32)
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n
@@ -47,7 +48,9 @@ def dequantize_kernel(
     cols = tl.arange(0, BLOCK_D)
     code_rows = codes_ptr + rows64 * code_bytes
     s = tl.load(norms_ptr + rows, mask=row_ok, other=0.0).to(CDT)
-    if DENSE:
+    if MATRIX and INTERLEAVED:
+        level = load_interleaved_levels(code_rows, row_ok, d, cent_ptr, None, BITS, BLOCK_N, BLOCK_D, CDT, WORDS, False)
+    elif MATRIX:
         level = load_levels(code_rows, row_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, CDT, WORDS)
     if QJL:
         mcols = tl.arange(0, BLOCK_M)
@@ -55,13 +58,16 @@ def dequantize_kernel(
         rho = tl.load(res_norms_ptr + rows, mask=row_ok, other=0.0).to(CDT)
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
-        if DENSE:
+        if MATRIX:
             x = tl.dot(level, tl.load(rot_ptr + cols[:, None] * BLOCK_D + cc[None, :]), input_precision=DOT_PRECISION)
         else:
             x = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)
             for i in tl.static_range(3):
                 src = tl.broadcast_to((3 * (cc // 3) + i)[None, :], (BLOCK_N, BLOCK_C))
-                k = gather_codes(code_rows, src, row_ok[:, None] & (src < d), code_bytes, BITS)
+                if INTERLEAVED:
+                    k = gather_interleaved(code_rows, src, row_ok[:, None] & (src < d), d, BITS)
+                else:
+                    k = gather_codes(code_rows, src, row_ok[:, None] & (src < d), code_bytes, BITS)
                 x += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * centroid_levels(k, cent_ptr, BITS)
         x = x * s[:, None]
         if QJL:

@@ -3,12 +3,24 @@
 Shared by every kernel that reads codes (dequantize, scores, attention) or needs the levels of codes it
 just chose (quantize). The codebook is antisymmetric, ``c[2**b - 1 - k] = -c[k]`` (checked on the host),
 so up to 4 bits a level is picked from registers by the code's bits, with no per-code memory access.
+
+Rows in the interleaved packing (`load_interleaved_levels`) give float16 levels by byte-permute table
+lookups: the float16 bit patterns ``e_i`` of the 8 (2 bits: 4) table entries are split into a low-byte and
+a high-byte table of two 32-bit words each (`byte_tables`), and a selector word whose nibbles 0..3 index
+4 codes gives their 4 levels in four ``prmt.b32`` (default mode: byte ``i`` of ``prmt(a, b, s)`` is byte
+``s[4i:4i+3]`` of the 8 bytes ``b:a``):
+
+    lo = prmt(lo0, lo1, sel)   hi = prmt(hi0, hi1, sel)      (4 bits: hi ^= 0x80 per code whose top bit is 0)
+    levels 0, 1 = prmt(lo, hi, 0x5140)   levels 2, 3 = prmt(lo, hi, 0x7362)
+
+On a GPU that is inline PTX (``PRMT``); the interpreter, which runs no asm, computes the same bytes with
+integer operations.
 """
 
 import triton
 import triton.language as tl
 
-from .bitstream import read_codes
+from .bitstream import interleaved_selectors, read_codes, selector_codes
 
 
 @triton.jit
@@ -74,6 +86,127 @@ def load_levels(
     sm: tl.constexpr = BITS == 3 or BITS == 4
     code = read_codes(row_ptr, row_mask, n_bytes, BITS, ROWS, WIDTH, WORDS, sm)
     return mma_operand(tl.where(j < count, centroid_levels(code, cent_ptr, BITS, sm), 0.0).to(DTYPE))
+
+
+@triton.jit
+def byte_tables(
+    cent_ptr,  # (2**BITS,) centroids (float32 or float64), antisymmetric
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+):
+    """``(lo0, lo1, hi0, hi1)`` uint32 tables of the float16 lookups: with ``e_i`` the float16 bit patterns of
+    the table entries (``c[0..3]`` at 2 bits, ``c[0..7]`` at 3, the magnitudes ``c[8..15]`` at 4; 0 past
+    them), byte ``i`` of ``lo0`` / ``lo1`` is the low byte of ``e_i`` / ``e_{4+i}``, and ``hi0`` / ``hi1`` hold
+    the high bytes."""
+    first: tl.constexpr = 8 if BITS == 4 else 0
+    entries: tl.constexpr = 4 if BITS == 2 else 8
+    e = tl.arange(0, 8)
+    h = tl.load(cent_ptr + first + e, mask=e < entries, other=0.0).to(tl.float16).to(tl.uint16, bitcast=True)
+    h = h.to(tl.uint32)
+    shift = (8 * (e % 4)).to(tl.uint32)
+    lo, hi = (h & 255) << shift, (h >> 8) << shift
+    first_four = e < 4
+    return (
+        tl.sum(tl.where(first_four, lo, 0), axis=0),
+        tl.sum(tl.where(first_four, 0, lo), axis=0),
+        tl.sum(tl.where(first_four, hi, 0), axis=0),
+        tl.sum(tl.where(first_four, 0, hi), axis=0),
+    )
+
+
+@triton.jit
+def _quadruple(
+    t,  # (..) tensor
+):
+    """``(.., 2, 2)``: four copies of every element, in one thread's registers (one packed asm call's inputs)."""
+    return tl.join(tl.join(t, t), tl.join(t, t))
+
+
+@triton.jit
+def _prmt_levels(
+    sel,  # (..) uint32 selectors: 4 table indices in nibbles 0..3
+    top,  # (..) uint32 (4 bits): code j's top bit at bit 8j + 7
+    tables,  # (lo0, lo1, hi0, hi1) uint32 byte tables (`byte_tables`)
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+):
+    """``(.., 2, 2)`` float16 levels of the 4 nibbles (``[i, k]``: nibble ``2i + k``) by inline ``prmt.b32``, four
+    per selector (module docstring). One asm call takes 4 elements (``pack=4``): the 4 copies of a selector,
+    and returns their 4 float16 levels in two registers."""
+    lo0, lo1, hi0, hi1 = tables
+    if BITS == 4:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 lo, hi, neg;\n"
+            "prmt.b32 lo, $10, $14, $2;\n"
+            "prmt.b32 hi, $18, $22, $2;\n"
+            "not.b32 neg, $6;\n"
+            "and.b32 neg, neg, 0x80808080;\n"
+            "xor.b32 hi, hi, neg;\n"
+            "prmt.b32 $0, lo, hi, 0x5140;\n"
+            "prmt.b32 $1, lo, hi, 0x7362; }",
+            "=r,=r," + ",".join(["r"] * 24),
+            [_quadruple(sel), _quadruple(top), lo0, lo1, hi0, hi1],
+            dtype=tl.float16, is_pure=False, pack=4,
+        )  # fmt: skip
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 lo, hi;\n"
+            "prmt.b32 lo, $6, $10, $2;\n"
+            "prmt.b32 hi, $14, $18, $2;\n"
+            "prmt.b32 $0, lo, hi, 0x5140;\n"
+            "prmt.b32 $1, lo, hi, 0x7362; }",
+            "=r,=r," + ",".join(["r"] * 20),
+            [_quadruple(sel), lo0, lo1, hi0, hi1],
+            dtype=tl.float16, is_pure=False, pack=4,
+        )  # fmt: skip
+
+
+@triton.jit
+def _table_level(
+    sel,  # (..) uint32 selectors, as in `_prmt_levels`
+    top,  # (..) uint32 (4 bits): code j's top bit at bit 8j + 7
+    tables,  # (lo0, lo1, hi0, hi1) uint32 byte tables
+    J: tl.constexpr,  # which nibble
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+):
+    """Nibble ``J``'s float16 level, computed as `_prmt_levels` computes it, with integer operations."""
+    lo0, lo1, hi0, hi1 = tables
+    i = (sel >> (4 * J)) & 7
+    shift = 8 * (i & 3)
+    lo = (tl.where(i < 4, lo0, lo1) >> shift) & 255
+    hi = (tl.where(i < 4, hi0, hi1) >> shift) & 255
+    if BITS == 4:
+        hi = hi ^ (~(top >> (8 * J)) & 128)
+    return (lo | (hi << 8)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def load_interleaved_levels(
+    row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8), rows in the interleaved packing
+    row_mask,  # (ROWS,) bool: which rows exist
+    count,  # codes per row (d, a multiple of 32); levels past it are 0
+    cent_ptr,  # (2**BITS,) CDT centroids
+    tables,  # float16 DTYPE: (lo0, lo1, hi0, hi1) byte tables of the centroids (`byte_tables`); else None
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+    ROWS: tl.constexpr,  # rows in the tile
+    WIDTH: tl.constexpr,  # power of two >= max(count, 32)
+    DTYPE: tl.constexpr,  # dtype of the result
+    WORDS: tl.constexpr,  # rows start 4-byte aligned (one 32-bit load per word)
+    PRMT: tl.constexpr,  # float16: lookups by inline prmt.b32 (a GPU); else by integer operations
+):
+    """``(ROWS, WIDTH)`` centroid levels ``c[k]`` of rows in the interleaved packing, 0 past ``count``: float16
+    by byte-table lookups (module docstring), other dtypes by `centroid_levels` of the codes."""
+    sel, top = interleaved_selectors(row_ptr, row_mask, count, BITS, WIDTH // 32, WORDS)
+    if DTYPE == tl.float16 and PRMT:
+        level = _prmt_levels(sel, top, tables, BITS)
+    elif DTYPE == tl.float16:
+        level = tl.join(
+            tl.join(_table_level(sel, top, tables, 0, BITS), _table_level(sel, top, tables, 2, BITS)),
+            tl.join(_table_level(sel, top, tables, 1, BITS), _table_level(sel, top, tables, 3, BITS)),
+        )
+    else:
+        level = centroid_levels(selector_codes(sel, top, BITS), cent_ptr, BITS, BITS == 4).to(DTYPE)
+    level = tl.reshape(level, (ROWS, WIDTH))
+    j = tl.arange(0, WIDTH)[None, :]
+    return mma_operand(tl.where(j < count, level, 0.0).to(DTYPE))
 
 
 @triton.jit

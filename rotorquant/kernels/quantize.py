@@ -14,14 +14,15 @@ One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for f
     QJL:  S r = s * (S Rot^T) (y - c[k]),  ||r|| = s * ||y - c[k]||   (the rotation is orthogonal)
 
 The coordinates are processed in chunks of ``BLOCK_C`` (a multiple of 8, so each chunk packs
-into whole bytes). With ``SLOTS`` the results go straight into a cache's fields at the entries
-``slots`` names (`rotorquant.engine.slots`), norms rounded to the cache's norm dtype in the kernel.
+into whole bytes; of 32 for the interleaved packing, whose words hold 32 codes each). With ``SLOTS``
+the results go straight into a cache's fields at the entries ``slots`` names (`rotorquant.engine.slots`),
+norms rounded to the cache's norm dtype in the kernel.
 """
 
 import triton
 import triton.language as tl
 
-from .bitstream import store_codes
+from .bitstream import store_codes, store_interleaved
 from .levels import centroid_levels
 
 
@@ -141,7 +142,7 @@ def quantize_kernel(
     # NORM_CORRECTION); raw_norms (n,) s = ||x|| (written only with NORM_CORRECTION and not SLOTS);
     # QJL: signs (n, sign_bytes) uint8 packed sign bits of S r, res_norms (n,) ||r||. Rows are contiguous,
     # CDT norms; with SLOTS they are a cache's fields (any strides, the cache's norm dtype)
-    tables,  # CDT constants (rot, boundaries, centroids, proj): rot = DENSE: (BLOCK_D, BLOCK_D) R^T
+    tables,  # CDT constants (rot, boundaries, centroids, proj): rot = MATRIX: (BLOCK_D, BLOCK_D) R^T
     # zero-padded, rotor: (3, BLOCK_D) weights W; boundaries (2**BITS - 1,); centroids (2**BITS,);
     # QJL: proj (BLOCK_D, BLOCK_M) (S Rot^T)^T zero-padded
     code_bytes: tl.constexpr,  # ceil(d * BITS / 8)
@@ -155,7 +156,7 @@ def quantize_kernel(
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
     BITS: tl.constexpr,  # bits per code (spec.mse_bits)
-    DENSE: tl.constexpr,  # True: dense rotation; False: rotor blocks
+    MATRIX: tl.constexpr,  # True: the rotation as a matrix (tl.dot); False: one stage of rotor blocks
     QJL: tl.constexpr,  # True: also write the QJL sketch of the residual
     NORM_CORRECTION: tl.constexpr,  # True: store s / ||c[k]||
     SQUARES_FIT: tl.constexpr,  # True for float16 x: sum(x^2) fits the compute dtype, no max-scaling needed
@@ -166,6 +167,8 @@ def quantize_kernel(
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
+    INTERLEAVED: tl.constexpr,  # write the codes in the interleaved packing (BITS 2..4, d and BLOCK_C multiples
+    # of 32)
 ):
     codes_ptr, norms_ptr, raw_norms_ptr, signs_ptr, res_norms_ptr = out
     rot_ptr, bnd_ptr, cent_ptr, proj_ptr = tables
@@ -198,7 +201,7 @@ def quantize_kernel(
         root = exact_sqrt(tl.sum(xs * xs, axis=1))
         s = big * root  # NaN or Inf exactly when x holds NaN/Inf or ||x|| overflows float32
         scale = inv_big / tl.where(root > 0, root, 1.0)  # finite: inv_big <= 2**85 (2**1010 in float64), root >= 1
-    if DENSE:
+    if MATRIX:
         u = (x * pre[:, None]) * scale[:, None]
 
     code_rows = codes_ptr + code_at
@@ -208,7 +211,7 @@ def quantize_kernel(
     cent_sq = tl.zeros((BLOCK_N,), dtype=CDT)
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
-        if DENSE:
+        if MATRIX:
             rt = tl.load(rot_ptr + cols[:, None] * BLOCK_D + cc[None, :])
             y = tl.dot(u, rt, input_precision=DOT_PRECISION)
         else:
@@ -223,7 +226,10 @@ def quantize_kernel(
                 y += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * xi
         valid = (cc < d)[None, :]
         code = tl.where(valid, nearest_code(y, bnd_ptr, BITS), 0)
-        store_codes(code_rows, put, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C)
+        if INTERLEAVED:
+            store_interleaved(code_rows, put, code, c0 // 32, d // 32, BITS, BLOCK_N, BLOCK_C)
+        else:
+            store_codes(code_rows, put, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C)
         if QJL or NORM_CORRECTION:
             level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
             if NORM_CORRECTION:

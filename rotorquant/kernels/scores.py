@@ -12,7 +12,7 @@ unpacked to centroid levels in registers and multiplied with the query tile by `
 import triton
 import triton.language as tl
 
-from .levels import load_levels, load_signs
+from .levels import load_interleaved_levels, load_levels, load_signs
 
 
 @triton.jit
@@ -40,6 +40,7 @@ def scores_kernel(
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
     WORDS: tl.constexpr,  # packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
+    INTERLEAVED: tl.constexpr,  # codes in the interleaved packing (BITS 2..4, d a multiple of 32)
 ):
     key_blocks = tl.cdiv(N, BLOCK_N)
     b = (tl.program_id(0) // key_blocks).to(tl.int64)  # grid axis 0: batch x key blocks (no 65535 limit)
@@ -50,7 +51,11 @@ def scores_kernel(
     key = b * N + ki
     q_row = b * M + qi
     q = tl.load(qrot_ptr + q_row[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :], mask=q_ok[:, None], other=0.0)
-    level = load_levels(codes_ptr + key * code_bytes, k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, CDT, WORDS)
+    code_rows = codes_ptr + key * code_bytes
+    if INTERLEAVED:
+        level = load_interleaved_levels(code_rows, k_ok, d, cent_ptr, None, BITS, BLOCK_N, BLOCK_D, CDT, WORDS, False)
+    else:
+        level = load_levels(code_rows, k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, CDT, WORDS)
     s = tl.load(norms_ptr + key, mask=k_ok, other=0.0).to(CDT)
     acc = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * s[None, :]
     if QJL:

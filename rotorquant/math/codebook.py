@@ -39,7 +39,8 @@ class Codebook:
         boundaries: ``(2**bits - 1,)`` ascending thresholds, the midpoints of neighbouring centroids.
             A value ``y`` gets code ``k = #{i : y >= boundaries[i]}``.
         distortion: ``E[(x - Q(x))^2]`` for one coordinate; a unit vector's MSE is ``dim * distortion``.
-        iterations: Newton iterations until ``max |F(c) - c| < 1e-12``.
+        iterations: Newton iterations until ``max |F(c) - c| < 1e-12``; the levels are then rounded to
+            float32 values (kept as float64), the same on every machine.
     """
 
     dim: int
@@ -139,6 +140,10 @@ def lloyd_max(dim: int, bits: int) -> Codebook:
         c = (new - new[::-1]) / 2  # the density is even: keep the codebook exactly symmetric
     else:
         raise RuntimeError(f"lloyd_max(dim={dim}, bits={bits}) did not converge")
+    # Pinned to float32 values: the iteration evaluates sin, cos, exp and lgamma, whose last bits differ
+    # between math libraries and SIMD paths; float32 levels are the same on every machine (the kernels
+    # compute in float32 anyway), and their error, 6e-8 relative, is far below the quantization error.
+    c = c.astype(np.float32).astype(np.float64)
     half = _support(dim)
     edges = np.concatenate([[-half], (c[1:] + c[:-1]) / 2, [half]])
     mass, first, second = _cell_integrals(edges, dim)

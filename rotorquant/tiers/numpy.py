@@ -25,15 +25,35 @@ from ..engine import attention as engine_attention
 from ..engine import slots as engine_slots
 from ..format import NORM_DTYPES, Compressed, pack_codes, stored_norms, unpack_codes
 from ..math.cl3 import rotate_groups
+from ..math.rotations import walsh_hadamard
 from ..params import QuantParams
 
 
 def rotate(u: np.ndarray, params: QuantParams, inverse: bool = False) -> np.ndarray:
-    """``(..., d)`` -> ``(..., d)``: the spec's rotation (``inverse=True``: its transpose)."""
+    """``(..., d)`` -> ``(..., d)``: the spec's rotation (``inverse=True``: its transpose).
+
+    rotor: stage by stage, ``u <- u[perm_t]``, then every group of three ``R u_g R~`` (clifford);
+    inverse: the stages backwards, ``R~ u_g R`` then ``u[perm_t] <- u``.
+    hadamard: ``H (s * u)``; inverse: ``s * (H u)``.   dense: ``M u``; inverse: ``M^T u``.
+    """
     if params.rotation is not None:
         return u @ (params.rotation if inverse else params.rotation.T)
-    d = params.spec.dim
-    rotors = params.rotors if params.tail_rotor is None else np.vstack([params.rotors, params.tail_rotor])
+    if params.signs is not None:
+        return params.signs * walsh_hadamard(u) if inverse else walsh_hadamard(params.signs * u)
+    stages = range(len(params.rotors))
+    for t in reversed(stages) if inverse else stages:
+        if not inverse:
+            u = u[..., params.permutations[t]]
+        u = _rotate_groups(u, params.rotors[t], inverse)
+        if inverse:
+            u = u[..., np.argsort(params.permutations[t])]
+    return u
+
+
+def _rotate_groups(u: np.ndarray, rotors: np.ndarray, inverse: bool) -> np.ndarray:
+    """Each group of three coordinates ``(3g, 3g+1, 3g+2)`` of ``u (..., d)`` rotated by ``rotors[g]`` (the last,
+    short group zero-padded to three)."""
+    d = u.shape[-1]
     padded = np.zeros((*u.shape[:-1], 3 * len(rotors)))
     padded[..., :d] = u
     groups = padded.reshape(*u.shape[:-1], len(rotors), 3)
@@ -64,7 +84,7 @@ def quantize(x: np.ndarray, params: QuantParams, *, validate: bool = True) -> Co
         scale = norms / np.linalg.norm(levels, axis=-1) if spec.norm_correction else norms
         if validate and spec.norm_correction:
             checks.check_norms_fit("x", float(scale.max(initial=0.0)), limit, spec.norm_dtype.value, corrected=True)
-        fields = dict(codes=pack_codes(idx, spec.mse_bits), norms=stored_norms(scale, spec.norm_dtype))
+        fields = dict(codes=pack_codes(idx, spec.mse_bits, spec.packing), norms=stored_norms(scale, spec.norm_dtype))
         if spec.qjl:
             residual = x64 - norms[..., None] * rotate(levels, params, inverse=True)  # r = x - x_mse
             residual_norms = np.linalg.norm(residual, axis=-1)
@@ -89,7 +109,7 @@ def quantize_into(x: np.ndarray, params: QuantParams, cache: Compressed, slots, 
 
 def _mse_part(code: Compressed, params: QuantParams) -> np.ndarray:
     """``s * Rot^T(c[k])``, the Lloyd-Max reconstruction ``(..., d)``."""
-    idx = unpack_codes(code.codes, params.spec.mse_bits, params.spec.dim)
+    idx = unpack_codes(code.codes, params.spec.mse_bits, params.spec.dim, params.spec.packing)
     return code.norms.astype(np.float64)[..., None] * rotate(params.centroids[idx], params, inverse=True)
 
 

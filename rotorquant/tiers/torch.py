@@ -32,6 +32,7 @@ from .. import checks
 from ..engine import attention as engine_attention
 from ..engine import slots as engine_slots
 from ..format import PAYLOAD_FIELDS, Compressed
+from ..spec import INTERLEAVED_CHUNK, Packing
 from ..params import QuantParams
 from .tensors import NORM_DTYPES, TENSORS, compute_dtype, dtype_name, output_dtype
 
@@ -151,9 +152,9 @@ def device_params(params: QuantParams, device: torch.device, dtype: torch.dtype)
         return None if a is None else torch.tensor(a, dtype=as_dtype, device=device)
 
     def linear(transpose: bool, scale: float = 1.0) -> LinearMap:
-        if params.rotation is not None:
-            return LinearMap(put(scale * (params.rotation if transpose else params.rotation.T)), None, None)
-        diagonals, partners = block_diagonals(params.blocks, params.spec.dim, transpose)
+        if not params.single_stage:
+            return LinearMap(put(scale * (params.matrix if transpose else params.matrix.T)), None, None)
+        diagonals, partners = block_diagonals(params.blocks[0], params.spec.dim, transpose)
         return LinearMap(None, put(scale * diagonals), put(partners, torch.int64))
 
     offset, scale, base, following = boundary_grid(params.boundaries)
@@ -215,13 +216,16 @@ def _merge_steps(bits: int) -> list[tuple[int, int, int]]:
     return steps
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``(n, d)`` integer codes in ``[0, 2**bits)`` -> ``(n, ceil(d*bits/8))`` uint8, the documented stream.
+def pack_bits(codes: torch.Tensor, bits: int, packing: Packing = Packing.CONTIGUOUS) -> torch.Tensor:
+    """``(n, d)`` integer codes in ``[0, 2**bits)`` -> ``(n, ceil(d*bits/8))`` uint8, the documented stream
+    (``packing``: a `Packing` the spec has already checked against ``bits`` and ``d``).
 
     Eight codes as bytes read as one little-endian int64 ``w = sum_i k_i << 8i``; three shift-and-mask
     steps (`_merge_steps`) turn it into ``sum_i k_i << (i*bits)``, whose ``bits`` low bytes are exactly
     the stream bytes of those eight codes. Intermediates are one byte per code.
     """
+    if packing is Packing.INTERLEAVED:
+        return _pack_interleaved(codes, bits)
     n, d = codes.shape
     words = -(-d // 8)
     wide = codes.to(torch.uint8)
@@ -235,12 +239,14 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return stream[:, : -(-d * bits // 8)]
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+def unpack_bits(packed: torch.Tensor, bits: int, count: int, packing: Packing = Packing.CONTIGUOUS) -> torch.Tensor:
     """Inverse of `pack_bits`: ``(n, ceil(count*bits/8))`` uint8 -> ``(n, count)`` uint8 codes.
 
     Each ``bits`` stream bytes widen to one int64 word (high bytes zero); the merge steps run
     backwards, ``w = (w & keep) | ((w & move) << shift)``, leaving code ``i`` in byte ``i``.
     """
+    if packing is Packing.INTERLEAVED:
+        return _unpack_interleaved(packed, bits, count)
     n, nbytes = packed.shape
     words = -(-count // 8)
     wide = torch.zeros(n, words, 8, dtype=torch.uint8, device=packed.device)
@@ -251,6 +257,57 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         if shift:
             w = (w & keep) | ((w & move) << shift)
     return w.view(torch.uint8).view(n, 8 * words)[:, :count]
+
+
+def _interleave_shifts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(4n for nibble n (8,), 8j + s for the 4-bit top bits [s, j] (8, 4), 8i for byte i (4,))``, int64."""
+    nibbles = 4 * torch.arange(8, device=device)
+    tops = 8 * torch.arange(4, device=device) + torch.arange(8, device=device)[:, None]
+    return nibbles, tops, 8 * torch.arange(4, device=device)
+
+
+def _pack_interleaved(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`pack_bits` for the interleaved packing (`rotorquant.format`): ``(n, d)`` -> ``(n, d*bits/8)`` uint8.
+
+    With ``G_g[n]`` the code of coordinate ``32c + 8g + n``, nibble ``n`` of chunk ``c``'s word in plane ``p`` is
+    ``G_p[n] | G_{p+2}[n] << 2`` (2 bits) or ``G_p[n] | (bit p of G_3[n]) << 3`` (3 bits; 4 bits on the
+    magnitude indices, plus plane 3 with the top bit of coordinate ``32c + 4s + j`` at bit ``8j + s``).
+    """
+    n, d = codes.shape
+    chunks = d // INTERLEAVED_CHUNK
+    nibbles, tops, bytes_ = _interleave_shifts(codes.device)
+    k = codes.to(torch.int64)
+    if bits == 4:  # the magnitude index: k - 8 in the upper half, 7 - k in the lower
+        k = torch.where(k >= 8, k - 8, 7 - k)
+    g = k.view(n, chunks, 4, 8)
+    if bits == 2:
+        planes = [g[:, :, 0] | g[:, :, 2] << 2, g[:, :, 1] | g[:, :, 3] << 2]
+    else:
+        planes = [g[:, :, p] | ((g[:, :, 3] >> p) & 1) << 3 for p in range(3)]
+    words = [(nib << nibbles).sum(-1) for nib in planes]  # disjoint bits: the sum is an or
+    if bits == 4:
+        words.append(((codes.to(torch.int64) >> 3).view(n, chunks, 8, 4) << tops).sum((-2, -1)))
+    w = torch.stack(words, 1)  # (n, bits, C)
+    return ((w[..., None] >> bytes_) & 255).to(torch.uint8).view(n, bits * chunks * 4)
+
+
+def _unpack_interleaved(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `_pack_interleaved`: ``(n, count*bits/8)`` uint8 -> ``(n, count)`` uint8 codes."""
+    n = packed.shape[0]
+    chunks = count // INTERLEAVED_CHUNK
+    nibbles, tops, bytes_ = _interleave_shifts(packed.device)
+    w = (packed.reshape(n, bits, chunks, 4).to(torch.int64) << bytes_).sum(-1)  # (n, bits, C)
+    nib = (w[..., None] >> nibbles) & 15  # (n, bits, C, 8)
+    if bits == 2:
+        groups = [nib[:, 0] & 3, nib[:, 1] & 3, nib[:, 0] >> 2, nib[:, 1] >> 2]
+    else:
+        spread = ((nib[:, 0] >> 3) & 1) | ((nib[:, 1] >> 2) & 2) | ((nib[:, 2] >> 1) & 4)
+        groups = [nib[:, 0] & 7, nib[:, 1] & 7, nib[:, 2] & 7, spread]
+    k = torch.stack(groups, 2).view(n, count)  # (n, C, 4, 8) in coordinate order
+    if bits == 4:
+        top = ((w[:, 3, :, None, None] >> tops) & 1).view(n, count)
+        k = torch.where(top == 1, k + 8, 7 - k)
+    return k.to(torch.uint8)
 
 
 # ---------------------------------------------------------------- quantize
@@ -304,7 +361,7 @@ def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: Q
     # Norms outside float32's comfortable range come as float64 (see `_norms`): divide in float64.
     u = (x.to(safe.dtype) / safe).to(compute) if safe.dtype != compute else x.to(compute) / safe
     idx = _nearest_centroid(dp.scaled_forward(u), dp)
-    out["codes"][:] = pack_bits(idx, spec.mse_bits)
+    out["codes"][:] = pack_bits(idx, spec.mse_bits, spec.packing)
     scale = s
     if spec.norm_correction or spec.qjl:
         levels = dp.centroids.index_select(0, idx.view(-1).to(torch.int32)).view(idx.shape)
@@ -403,7 +460,7 @@ def _in_chunks(rows: dict[str, torch.Tensor], width: int, fn, out: torch.Tensor)
 
 def _levels(rows: dict[str, torch.Tensor], dp: DeviceParams, spec) -> torch.Tensor:
     """``c[k]``: the rotated-frame reconstruction of the unit vectors, ``(n, d)``."""
-    idx = unpack_bits(rows["codes"], spec.mse_bits, spec.dim)
+    idx = unpack_bits(rows["codes"], spec.mse_bits, spec.dim, spec.packing)
     return dp.centroids.index_select(0, idx.reshape(-1).to(torch.int32)).view(idx.shape)
 
 

@@ -8,7 +8,9 @@ can capture them in a CUDA graph. The kernels are the module attributes ``quanti
 what a launch would build.
 
 Compute dtypes: the kernels compute in float32 (float64 for float64 inputs); half-precision queries use
-float16 tensor cores in `attention`, with operands scaled into [-1, 1].
+float16 tensor cores in `attention`, with operands scaled into [-1, 1]. Codes in the interleaved packing
+become those float16 operands by inline ``prmt.b32`` table lookups on a GPU (``PRMT``), by the same
+lookups in integer operations under the interpreter, which runs no inline asm.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ...kernels.dequantize import dequantize_kernel
 from ...kernels.quantize import quantize_kernel
 from ...kernels.scores import scores_kernel
 from ...params import QuantParams
+from ...spec import Packing
 from ..tensors import NORM_DTYPES, compute_dtype
 from .tables import SQRT_HALF_PI, pow2, query_maps, tables
 
@@ -52,7 +55,8 @@ class LaunchConfig:
     Quantize (None: the default for the spec, see `quantize_defaults`):
         quantize_block_n: vectors per program.
         quantize_warps: warps per program.
-        quantize_block_c: coordinates per chunk.
+        quantize_block_c: coordinates per chunk (at least 32 for the interleaved packing, which writes whole
+            32-code chunks).
 
     Attention (the defaults were the fastest of the launch sweep of `benchmarks/gpu_speed.py` at context
     32K on an NVIDIA H200, 2026-11-27: 1725 us against 2201 us for 64 keys per step):
@@ -120,10 +124,10 @@ def quantize_defaults(params: QuantParams) -> tuple[int, int, int]:
     block_d, block_m = pow2(spec.dim), pow2(spec.qjl_dim)
     if INTERPRETING:
         return 16, 16, WARPS
-    if params.rotation is None and not spec.qjl and block_d <= 128:
+    if params.single_stage and not spec.qjl and block_d <= 128:
         return 16, block_d, 2
     block_n = 32 if block_d <= 128 else 16
-    chunk = block_d if params.rotation is None else max(16, 8192 // block_d)
+    chunk = block_d if params.single_stage else max(16, 8192 // block_d)
     if spec.qjl:
         chunk = min(chunk, max(16, 8192 // block_m))
     return block_n, min(chunk, block_d), WARPS
@@ -162,17 +166,21 @@ def quantize(
         wide = entries > config.int32_entries
     block_n, block_c, warps = quantize_defaults(params)
     block_n, block_c = config.quantize_block_n or block_n, config.quantize_block_c or block_c
+    interleaved = spec.packing is Packing.INTERLEAVED
+    if interleaved:
+        block_c = max(block_c, 32)
     if n:
         quantize_kernel[(triton.cdiv(n, block_n),)](
             rows, rows.stride(0), n, spec.dim,
             (codes, norms, raw, signs if spec.qjl else codes, res if spec.qjl else norms),
             (tab.fwd, tab.boundaries, tab.centroids, tab.proj if spec.qjl else tab.centroids),
             spec.code_bytes, spec.qjl_dim, slots, shape, entries, strides,
-            **kernel_dtypes(compute), BITS=spec.mse_bits, DENSE=params.rotation is not None, QJL=spec.qjl,
+            **kernel_dtypes(compute), BITS=spec.mse_bits, MATRIX=not params.single_stage, QJL=spec.qjl,
             NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
             NORM_MAX=float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max) if cap_norms else 0.0,
             SLOTS=into is not None, SLOT_INDEX=tl.int64 if wide else tl.int32, BLOCK_N=block_n, BLOCK_D=tab.block_d,
-            BLOCK_C=block_c, BLOCK_M=tab.block_m, num_warps=config.quantize_warps or warps, **_FUSED,
+            BLOCK_C=block_c, BLOCK_M=tab.block_m, INTERLEAVED=interleaved, num_warps=config.quantize_warps or warps,
+            **_FUSED,
         )  # fmt: skip
     return codes, norms, raw, signs, res
 
@@ -214,9 +222,10 @@ def dequantize(code: Compressed, params: QuantParams, out_dtype: torch.dtype) ->
             tab.inv, tab.centroids,
             signs, spec.sign_bytes, res,
             tab.smat if spec.qjl else tab.centroids, spec.qjl_dim,
-            **kernel_dtypes(compute), BITS=spec.mse_bits, DENSE=params.rotation is not None,
+            **kernel_dtypes(compute), BITS=spec.mse_bits, MATRIX=not params.single_stage,
             QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m,
-            WORDS=word_aligned(codes, signs), num_warps=WARPS, **_FUSED,
+            WORDS=word_aligned(codes, signs), INTERLEAVED=spec.packing is Packing.INTERLEAVED, num_warps=WARPS,
+            **_FUSED,
         )  # fmt: skip
     return out
 
@@ -253,7 +262,8 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams, lead: tuple[i
             q_rot, q_sk, codes, norms, signs, res, tab.centroids, out,
             big_m, big_n, spec.dim, spec.qjl_dim, spec.code_bytes, spec.sign_bytes,
             **kernel_dtypes(compute), BITS=spec.mse_bits, QJL=spec.qjl, BLOCK_Q=block_q, BLOCK_N=block_n,
-            BLOCK_D=tab.block_d, BLOCK_M=tab.block_m, WORDS=word_aligned(codes, signs), num_warps=WARPS, **_FUSED,
+            BLOCK_D=tab.block_d, BLOCK_M=tab.block_m, WORDS=word_aligned(codes, signs),
+            INTERLEAVED=spec.packing is Packing.INTERLEAVED, num_warps=WARPS, **_FUSED,
         )  # fmt: skip
     return out
 
@@ -361,9 +371,10 @@ def attention(
         (*v_fields, tv.centroids), tuple(st for t in v_fields for st in t.stride()[:3]),
         lengths, paged, (mx, denom, acc, accq),
         kv_heads=kv_heads, N=kv_len, R=rows, q_len=q_len, split_len=split_len, splits=splits, dk=kspec.dim,
-        dv=vspec.dim, mk=kspec.qjl_dim, mv=vspec.qjl_dim, k_code_bytes=kspec.code_bytes,
-        v_code_bytes=vspec.code_bytes, K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits, K_QJL=kspec.qjl,
-        V_QJL=vspec.qjl, CAUSAL=causal, PAGE=page, DOT_DTYPE=tl.float16 if half else kernel_dtypes(compute)["CDT"],
+        dv=vspec.dim, mk=kspec.qjl_dim, mv=vspec.qjl_dim, K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits,
+        K_QJL=kspec.qjl, V_QJL=vspec.qjl, K_INTERLEAVED=kspec.packing is Packing.INTERLEAVED,
+        V_INTERLEAVED=vspec.packing is Packing.INTERLEAVED, PRMT=not INTERPRETING, CAUSAL=causal, PAGE=page,
+        DOT_DTYPE=tl.float16 if half else kernel_dtypes(compute)["CDT"],
         **kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
         BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=word_aligned(k_fields[0], k_fields[2]),
         V_WORDS=word_aligned(v_fields[0], v_fields[2]), num_warps=config.attention_warps, **stages, **_FUSED,

@@ -28,9 +28,9 @@ def pow2(n: int) -> int:
 class Tables:
     """A spec's constants on one device in the compute dtype, zero-padded to kernel tile sizes.
 
-    ``block_d`` = pow2(d), ``block_m`` = pow2(qjl_dim). ``fwd``/``inv``: dense ``R^T``/``R``
-    ``(block_d, block_d)``, or rotor weights ``(3, block_d)`` with ``fwd[i, c] = blocks[c//3, c%3, i]``
-    and ``inv[i, c] = blocks[c//3, i, c%3]``. ``rmat``: the whole rotation ``R`` padded
+    ``block_d`` = pow2(d), ``block_m`` = pow2(qjl_dim). ``fwd``/``inv``: the rotation's matrix ``R^T``/``R``
+    ``(block_d, block_d)``, or for one rotor stage the weights ``(3, block_d)`` with
+    ``fwd[i, c] = blocks[0, c//3, c%3, i]`` and ``inv[i, c] = blocks[0, c//3, i, c%3]``. ``rmat``: the whole rotation ``R`` padded
     (``x = y @ R``); ``rot_t``: ``(d, block_d)`` ``R^T`` (``Rot(q) = q @ rot_t``). QJL:
     ``proj`` = ``(S R^T)^T`` ``(block_d, block_m)``, ``smat`` = ``sqrt(pi/2)/m S`` ``(block_m, block_d)`` (the QJL
     scale folded in, in float64: a Python float kernel argument would reach the GPU as float32),
@@ -80,11 +80,11 @@ def tables(params: QuantParams, device: torch.device, dtype: torch.dtype) -> Tab
         )
     d, bd, bm = spec.dim, pow2(spec.dim), pow2(spec.qjl_dim)
     rot = params.rotation_matrix()
-    if params.rotation is not None:
-        fwd, inv = padded(rot.T, (bd, bd), device, dtype), padded(rot, (bd, bd), device, dtype)
+    if params.single_stage:
+        fwd = padded(rotor_weights(params.blocks[0], d, bd, transpose=False), (3, bd), device, dtype)
+        inv = padded(rotor_weights(params.blocks[0], d, bd, transpose=True), (3, bd), device, dtype)
     else:
-        fwd = padded(rotor_weights(params.blocks, d, bd, transpose=False), (3, bd), device, dtype)
-        inv = padded(rotor_weights(params.blocks, d, bd, transpose=True), (3, bd), device, dtype)
+        fwd, inv = padded(rot.T, (bd, bd), device, dtype), padded(rot, (bd, bd), device, dtype)
     proj = smat = sketch_t = None
     if spec.qjl:
         s = params.qjl_matrix
