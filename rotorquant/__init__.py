@@ -9,12 +9,13 @@
 """
 
 from .calibration import Calibration, calibrate
-from .math.codebook import Codebook, lloyd_max
-from .format import Compressed
 from .files import load, save
+from .format import Compressed
+from .math.codebook import Codebook, lloyd_max
 from .params import QuantParams, build_params
+from .presets import DEFAULT_PRESET, PRESETS, Preset, preset
 from .quantizer import Quantizer, Tier
-from .spec import NormDtype, QuantizerSpec, Rotation
+from .spec import NormDtype, Packing, QuantizerSpec, Rotation
 
 __version__ = "0.1.0"
 
@@ -22,7 +23,11 @@ __all__ = [
     "Calibration",
     "Codebook",
     "Compressed",
+    "DEFAULT_PRESET",
     "NormDtype",
+    "PRESETS",
+    "Packing",
+    "Preset",
     "QuantParams",
     "Quantizer",
     "QuantizerSpec",
@@ -32,5 +37,6 @@ __all__ = [
     "calibrate",
     "lloyd_max",
     "load",
+    "preset",
     "save",
 ]

@@ -16,7 +16,9 @@ so the assumption holds again. With ``Rot`` the spec's rotation (``y = Rot x``, 
     restore:       x  = A^-1 x' + mu           applied to the tier's reconstruction of x'
     scores:        q . x = (A^-1 q) . x' + q . mu
 
-so the tiers run unchanged on ``x'``. ``n`` counts the samples and ``n0 = prior`` adds that many
+so the tiers run unchanged on ``x'``: every tier's ``quantize(x, params, calibration=cal)`` preconditions
+and returns a code that carries ``cal``, and its ``dequantize`` and ``scores`` restore such a code
+(`quantize_with`, `dequantize_with`, `scores_with`, written once here). ``n`` counts the samples and ``n0 = prior`` adds that many
 pseudo-samples of isotropic, zero-mean data, which keeps a fit on a handful of vectors (a short prompt)
 close to the identity. For softmax attention ``q . mu`` is the same for every key of a
 query and cancels, which makes centering keys free of error; centering values is not (it measured
@@ -30,6 +32,7 @@ torch inputs and in float32 for other torch inputs, and the results stay in that
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -271,4 +274,45 @@ def calibrate(
     return Calibration(params, np.maximum(scale, MIN_SCALE), mu)
 
 
-__all__ = ["Calibration", "calibrate", "MIN_SCALE"]
+
+
+def quantize_with(quantize, x, params: QuantParams, calibration: Calibration, validate: bool):
+    """A tier's ``quantize`` of ``x`` through ``calibration``: the code of ``x' = A (x - mu)``, carrying the
+    calibration and the dtype of ``x``."""
+    if not isinstance(calibration, Calibration):
+        raise TypeError(f"calibration: expected a rotorquant.Calibration or None, got {type(calibration).__name__}")
+    if not calibration.params.same_as(params):
+        raise ValueError(f"calibration: expected one fitted for {params.spec}, got one fitted for {calibration.spec}")
+    code = quantize(calibration.precondition(x), params, validate=validate)
+    return dataclasses.replace(code, dtype=str(x.dtype).removeprefix("torch."), calibration=calibration)
+
+
+def _inner(code, params: QuantParams):
+    """The code of ``x'`` (no calibration, the compute dtype) that a tier decodes."""
+    if not code.calibration.params.same_as(params):
+        raise ValueError(f"code: expected a calibration fitted for {params.spec}, got one for {code.calibration.spec}")
+    return dataclasses.replace(code, calibration=None, dtype="float64" if code.dtype == "float64" else "float32")
+
+
+def dequantize_with(dequantize, code, params: QuantParams):
+    """A tier's ``dequantize`` of a calibrated code: ``x = A^-1 x' + mu``, in the code's dtype (NumPy: float64,
+    as the reference returns)."""
+    x = code.calibration.restore(dequantize(_inner(code, params), params))
+    if isinstance(x, np.ndarray):
+        return x
+    from .tiers.tensors import output_dtype
+
+    return x.to(output_dtype(code))
+
+
+def scores_with(scores, q, code, params: QuantParams):
+    """A tier's ``scores`` of ``q`` against a calibrated code: ``(A^-1 q) . x' + q . mu``; the statistics must
+    be the same for every vector of a row (shape ``(..., 1, d)``), as they are applied to the queries."""
+    cal = code.calibration
+    if len(cal.scale.shape) >= 2 and cal.scale.shape[-2] != 1:
+        raise ValueError(
+            f"code.calibration: scores need statistics that are the same for every vector of a row, shape "
+            f"(..., 1, {cal.spec.dim}), got {cal.scale.shape} (they would be applied along the query axis)"
+        )
+    s = scores(cal.queries(q), _inner(code, params), params) + cal.offsets(q)[..., None]
+    return s if isinstance(s, np.ndarray) else s.to(q.dtype)

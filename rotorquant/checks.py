@@ -72,8 +72,8 @@ def check_code(name: str, code: object, params: QuantParams, arrays) -> None:
         raise ValueError(f"{name}: expected a code built for {params.spec}, got one built for {code.spec}")
     if code.calibration is not None:
         raise ValueError(
-            f"{name}: expected a code made without a Calibration, got a calibrated one "
-            "(decode it with the rotorquant.Quantizer that made it)"
+            f"{name}: expected a code made without a Calibration, got a calibrated one (dequantize and scores "
+            "take calibrated codes; attention and quantize_into take uncalibrated caches)"
         )
     spec = params.spec
     for field in PAYLOAD_FIELDS:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .spec import QuantizerSpec, Rotation
+from .spec import INTERLEAVED_BITS, INTERLEAVED_CHUNK, Packing, QuantizerSpec, Rotation
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,14 @@ class Preset:
     rotation: Rotation
 
     def specs(self, dim: int, seed: int = 0, norm_dtype: str = "float32") -> tuple[QuantizerSpec, QuantizerSpec]:
-        """``(key spec, value spec)`` for head dimension ``dim``: MSE codes with norm correction, no QJL."""
+        """``(key spec, value spec)`` for head dimension ``dim``: MSE codes with norm correction, no QJL, in the
+        interleaved packing where it is defined (``dim`` a multiple of 32: the GPU's decode loop unpacks it in
+        about a third of the instructions, ``docs/format.md``), else the contiguous one. The bytes are the same."""
 
         def spec(bits: int, s: int) -> QuantizerSpec:
-            return QuantizerSpec(dim=dim, bits=bits, rotation=self.rotation, seed=s, norm_dtype=norm_dtype)
+            return QuantizerSpec(
+                dim=dim, bits=bits, rotation=self.rotation, seed=s, norm_dtype=norm_dtype, packing=packing_for(dim, bits)
+            )
 
         return spec(self.key_bits, seed), spec(self.value_bits, seed + 1)
 
@@ -56,6 +60,13 @@ PRESETS: dict[str, Preset] = {
 
 DEFAULT_PRESET = "k4v2"
 """The preset caches use when none is named."""
+
+
+def packing_for(dim: int, mse_bits: int) -> Packing:
+    """The packing caches and engines use: interleaved where it is defined (``dim`` a multiple of 32, 2 to 4
+    codebook bits), contiguous elsewhere."""
+    interleaved = dim % INTERLEAVED_CHUNK == 0 and mse_bits in INTERLEAVED_BITS
+    return Packing.INTERLEAVED if interleaved else Packing.CONTIGUOUS
 
 
 def preset(name: str) -> Preset:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from types import ModuleType
 
@@ -57,27 +56,12 @@ def _auto_tier(array: object) -> Tier:
     return Tier.TORCH
 
 
-def _dtype_name(x: object) -> str:
-    """``float32`` for a float32 NumPy array or torch tensor (the form `Compressed.dtype` stores)."""
-    return str(x.dtype).removeprefix("torch.")
-
-
-def _like_code(x, code: Compressed):
-    """Torch ``x`` cast to the dtype the code was made from (NumPy stays float64, as the reference returns)."""
-    if isinstance(x, np.ndarray):
-        return x
-    from .tiers.tensors import output_dtype
-
-    return x.to(output_dtype(code))
-
-
 class Quantizer:
     """``Quantizer(spec, tier="auto", calibration=None)``: the tier functions without passing params around.
 
-    With a `rotorquant.Calibration` (fitted for ``spec``), vectors are preconditioned before the tier
-    quantizes them and restored after it dequantizes; scores use ``(A^-1 q) . x' + q . mu``. Its codes
-    carry the calibration and only a quantizer holding the same statistics decodes them (compared by content,
-    `Calibration.same_as`, so a pickled or saved code still decodes).
+    With a `rotorquant.Calibration` (fitted for ``spec``), `quantize` passes it to the tier (vectors are
+    preconditioned, and the codes carry it); every tier decodes a calibrated code with the calibration it
+    carries, so `dequantize` and `scores` need nothing more (scores use ``(A^-1 q) . x' + q . mu``).
     ``params`` replaces ``build_params(spec)`` (e.g. parameters with another codebook, for experiments).
     """
 
@@ -107,46 +91,17 @@ class Quantizer:
     def _module(self, array: object) -> ModuleType:
         return tier_module(_auto_tier(array) if self.tier is Tier.AUTO else self.tier)
 
-    def _inner(self, name: str, code: object) -> Compressed:
-        """The uncalibrated code the tier decodes (``code`` itself without a calibration)."""
-        cal = getattr(code, "calibration", None)
-        if self.calibration is None or not isinstance(code, Compressed):
-            return code  # the tier reports a wrong type or a calibrated code
-        if not self.calibration.same_as(cal):
-            got = "one without" if cal is None else "one made with another"
-            raise ValueError(f"{name}: expected a code made with this quantizer's calibration, got {got}")
-        compute = "float64" if code.dtype == "float64" else "float32"
-        return dataclasses.replace(code, calibration=None, dtype=compute)
-
     def quantize(self, x):
-        """``x (..., dim)`` -> `Compressed`."""
-        if self.calibration is None:
-            return self._module(x).quantize(x, self.params)
-        code = self._module(x).quantize(self.calibration.precondition(x), self.params)
-        return dataclasses.replace(code, dtype=_dtype_name(x), calibration=self.calibration)
+        """``x (..., dim)`` -> `Compressed` (through the calibration, which the code then carries)."""
+        return self._module(x).quantize(x, self.params, calibration=self.calibration)
 
     def dequantize(self, code: Compressed):
-        """`Compressed` -> ``(..., dim)``."""
-        inner = self._inner("code", code)
-        x = self._module(code.codes).dequantize(inner, self.params)
-        if self.calibration is None:
-            return x
-        return _like_code(self.calibration.restore(x), code)
+        """`Compressed` -> ``(..., dim)`` (a calibrated code is restored with the calibration it carries)."""
+        return self._module(getattr(code, "codes", None)).dequantize(code, self.params)
 
     def scores(self, q, code: Compressed):
         """``q (..., M, dim)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``."""
-        inner = self._inner("code", code)
-        if self.calibration is None:
-            return self._module(q).scores(q, inner, self.params)
-        shape = self.calibration.scale.shape
-        if len(shape) >= 2 and shape[-2] != 1:
-            raise ValueError(
-                f"calibration: scores need statistics that are the same for every vector of a row, shape "
-                f"(..., 1, {self.spec.dim}), got {shape} (they would be applied along the query axis)"
-            )
-        s = self._module(q).scores(self.calibration.queries(q), inner, self.params)
-        s = s + self.calibration.offsets(q)[..., None]
-        return s if isinstance(s, np.ndarray) else s.to(q.dtype)
+        return self._module(q).scores(q, code, self.params)
 
     def __repr__(self) -> str:
         cal = "" if self.calibration is None else ", calibration=..."

@@ -187,22 +187,32 @@ def test_half_inputs_come_back_in_their_dtype():
     assert quantizer.scores(x[..., :2, :], code).dtype == torch.float16
 
 
-def test_codes_are_bound_to_their_calibration():
-    from rotorquant.tiers import numpy as ref
-
+def test_codes_carry_their_calibration_through_every_call(tier):
+    """A tier's ``quantize(x, params, calibration=cal)`` is what a calibrated `Quantizer` makes; every tier's
+    ``dequantize`` and ``scores`` (and every quantizer's) undo the calibration the code carries; attention and
+    quantize_into refuse calibrated codes by name."""
     x = _keys()
-    cal = rq.calibrate(x, PARAMS, axis=(0, 2))
-    other = rq.calibrate(_keys(seed=1), PARAMS, axis=(0, 2))
-    code = rq.Quantizer(SPEC, tier="numpy", calibration=cal).quantize(x)
-    with pytest.raises(ValueError, match="code: expected a code made without a Calibration, got a calibrated one"):
-        rq.Quantizer(SPEC, tier="numpy").dequantize(code)
-    with pytest.raises(ValueError, match="code: expected a code made without a Calibration"):
-        ref.scores(x, code, PARAMS)
-    with pytest.raises(ValueError, match="calibration, got one made with another"):
-        rq.Quantizer(SPEC, tier="numpy", calibration=other).dequantize(code)
-    plain = rq.Quantizer(SPEC, tier="numpy").quantize(x)
-    with pytest.raises(ValueError, match="calibration, got one without"):
-        rq.Quantizer(SPEC, tier="numpy", calibration=cal).scores(x, plain)
+    cal = rq.calibrate(x, PARAMS, axis=(0, 2), center=True)
+    code = tier.module.quantize(tier.array(x, "float32"), PARAMS, calibration=cal)
+    made = rq.Quantizer(SPEC, tier="numpy" if tier.device is None else tier.module.__name__.rsplit(".")[-1], calibration=cal)
+    assert code.calibration is cal and code.dtype == "float32"
+    x_hat = to_numpy(tier.module.dequantize(code, PARAMS))
+    np.testing.assert_allclose(x_hat, to_numpy(made.dequantize(code)), rtol=0, atol=0)
+    np.testing.assert_allclose(x_hat, to_numpy(rq.Quantizer(SPEC, tier=made.tier).dequantize(code)), rtol=0, atol=0)
+    assert _rel_mse(x, x_hat) < _rel_mse(x, to_numpy(tier.module.dequantize(tier.module.quantize(tier.array(x, "float32"), PARAMS), PARAMS)))
+    q = tier.array(_keys(seed=3, shape=(2, 3, 4)), "float32")
+    exact = to_numpy(q) @ np.swapaxes(x_hat, -1, -2)
+    np.testing.assert_allclose(to_numpy(tier.module.scores(q, code, PARAMS)), exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    with pytest.raises(ValueError, match="k_code: expected a code made without a Calibration, got a calibrated one"):
+        tier.module.attention(q[:, :, :1].reshape(2, 3, 1, SPEC.dim), code, code, PARAMS, PARAMS)
+    with pytest.raises(ValueError, match=r"calibration: expected one fitted for QuantizerSpec\(dim=35, bits=4"):
+        tier.module.quantize(tier.array(x, "float32"), rq.build_params(rq.QuantizerSpec(dim=35, bits=4)), calibration=cal)
+    with pytest.raises(TypeError, match="calibration: expected a rotorquant.Calibration or None, got dict"):
+        tier.module.quantize(tier.array(x, "float32"), PARAMS, calibration={})
+
+
+def test_quantizer_refuses_a_calibration_of_another_spec():
+    cal = rq.calibrate(_keys(), PARAMS, axis=(0, 2))
     with pytest.raises(ValueError, match=r"calibration: expected one fitted for QuantizerSpec\(dim=35, bits=4"):
         rq.Quantizer(rq.QuantizerSpec(dim=35, bits=4), calibration=cal)
     with pytest.raises(TypeError, match="calibration: expected a rotorquant.Calibration, got dict"):

@@ -1,6 +1,6 @@
 """Every tier against the NumPy reference in float64: one suite, every tier in `tiers.TIERS`.
 
-Cases cross rotation x bits 1..8 x qjl x input dtype; dims (2, 3, 5, 67, 127, 128, 130) and
+Cases cross rotation x bits 1..8 x qjl x input dtype; dims (2, 3, 5, 67, 80, 96, 127, 128, 130, 256) and
 leading shapes (none, (7,), (2, 3, 5)) cycle through them so that every value of every axis
 meets every rotation and bit width. Slow tiers (Triton under the interpreter) get `SMALL_CASES`,
 a 16-case cover in which every value of every axis still appears. Packing is one more axis: the
@@ -39,7 +39,7 @@ from tiers import SHORT, TIERS, Tier, code_to_numpy, exact_float64, to_numpy
 
 ROTATIONS = ("rotor", "rotor-1", "hadamard", "dense")  # rotor-1: one rotor stage (the tiers' block path)
 BITS = tuple(range(1, 9))
-DIMS = (2, 3, 5, 67, 127, 128, 130)
+DIMS = (2, 3, 5, 67, 80, 96, 127, 128, 130, 256)  # 80, 96, 256: head dims of deployed models
 LEADS = ((), (7,), (2, 3, 5))
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 INTERLEAVED_MSE_BITS = (2, 3, 4)  # codebook bits of the interleaved packing

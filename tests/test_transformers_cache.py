@@ -116,13 +116,6 @@ def test_three_bits_is_at_least_4_5x_smaller_than_dynamic_cache():
     assert ratio >= 4.5, ratio
 
 
-def test_eight_bits_greedy_tokens_match_dynamic_cache():
-    reference = generate(MODEL, DynamicCache(config=MODEL.config), new_tokens=16)
-    ours = generate(MODEL, RotorQuantCache(MODEL.config, key_bits=8, value_bits=8), new_tokens=16)
-    match = (ours[:, PROMPT:] == reference[:, PROMPT:]).float().mean().item()
-    assert match >= 0.9, match
-
-
 def test_residual_window_keeps_recent_tokens_exact():
     cache = RotorQuantCache(MODEL.config, key_bits=2, value_bits=2, residual_length=8)
     generate(MODEL, cache)

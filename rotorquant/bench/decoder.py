@@ -90,15 +90,20 @@ def load_model(path: str | None = None):
         if not os.path.isdir(path):
             raise ValueError(f"--model: expected the folder of a local transformers model, got {path!r}")
         folder, kwargs, name = path, {}, os.path.basename(os.path.normpath(path))
-    verbosity = hf_logging.get_verbosity()
+    verbosity, quiet = hf_logging.get_verbosity(), os.environ.get("TQDM_DISABLE")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF loader's own progress bar
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32", **kwargs).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+        if quiet is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
     return tokenizer, model, name
 
 

@@ -58,7 +58,8 @@ from .. import files
 from ..calibration import Calibration, calibrate
 from ..format import PAYLOAD_FIELDS, Compressed
 from ..params import build_params
-from ..presets import DEFAULT_PRESET, preset as named_preset
+from ..presets import DEFAULT_PRESET, packing_for
+from ..presets import preset as named_preset
 from ..quantizer import Quantizer, Tier
 from ..spec import QuantizerSpec
 
@@ -71,8 +72,8 @@ KINDS = ("full_attention", "sliding_attention")
 """The layer types (``config.layer_types``) the cache stores."""
 
 OPTIONS = (
-    "preset", "key_bits", "value_bits", "rotation", "residual_length", "key_qjl", "value_qjl", "norm_correction",
-    "norm_dtype",
+    "preset", "key_bits", "value_bits", "rotation", "stages", "residual_length", "key_qjl", "value_qjl",
+    "norm_correction", "norm_dtype",
 )  # fmt: skip
 """The options that may differ per layer kind (``per_kind``)."""
 
@@ -488,6 +489,10 @@ def _specs(options: dict, dim: int, seed: int) -> tuple[QuantizerSpec, Quantizer
             changes["bits"] = options[f"{side}_bits"]
         if options["rotation"] is not None:
             changes.update(rotation=options["rotation"], stages=None)
+        if options["stages"] is not None:
+            changes["stages"] = options["stages"]
+        bits = changes.get("bits", spec.bits)
+        changes["packing"] = packing_for(dim, bits - 1 if changes["qjl"] else bits)
         out.append(dataclasses.replace(spec, **changes))
     return out[0], out[1]
 
@@ -535,6 +540,8 @@ class RotorQuantCache(Cache):
             and the rotation; every explicit argument below overrides it.
         key_bits, value_bits: bits per coordinate of keys and of values (1..8; 2..8 with QJL).
         rotation: ``"rotor"`` (RotorQuant), ``"hadamard"`` or ``"dense"`` (TurboQuant), keys and values.
+        stages: rotor butterfly stages (``rotation`` rotor; None: ``ceil(log3 head_dim)``, see
+            `rotorquant.QuantizerSpec`).
         residual_length: the most recent tokens kept in full precision (0: every past token is compressed).
         key_qjl, value_qjl: add the 1-bit QJL residual sketch (unbiased scores; measured worse for softmax
             attention, see ``docs/benchmarks/fidelity.md``).
@@ -563,6 +570,7 @@ class RotorQuantCache(Cache):
         key_bits: int | None = None,
         value_bits: int | None = None,
         rotation: str | None = None,
+        stages: int | None = None,
         residual_length: int = 0,
         key_qjl: bool = False,
         value_qjl: bool = False,
@@ -578,7 +586,7 @@ class RotorQuantCache(Cache):
         if tier not in (Tier.AUTO, Tier.TORCH, Tier.TRITON):
             raise ValueError(f"tier: expected one of 'auto', 'torch', 'triton', got {tier!r}")
         layer_options = dict(
-            preset=preset, key_bits=key_bits, value_bits=value_bits, rotation=rotation,
+            preset=preset, key_bits=key_bits, value_bits=value_bits, rotation=rotation, stages=stages,
             residual_length=residual_length, key_qjl=key_qjl, value_qjl=value_qjl,
             norm_correction=norm_correction, norm_dtype=norm_dtype,
         )  # fmt: skip

@@ -160,7 +160,7 @@ def quantize_kernel(
     QJL: tl.constexpr,  # True: also write the QJL sketch of the residual
     NORM_CORRECTION: tl.constexpr,  # True: store s / ||c[k]||
     SQUARES_FIT: tl.constexpr,  # True for float16 x: sum(x^2) fits the compute dtype, no max-scaling needed
-    NORM_MAX: tl.constexpr,  # > 0: stored norms past it (the norm dtype's largest value) become Inf; 0: as computed
+    NORM_MAX: tl.constexpr,  # > 0: stored and residual norms past it (the norm dtype's largest value) become Inf
     SLOTS: tl.constexpr,  # True: write into a cache at slots (norms cast to its norm dtype; raw_norms unused)
     SLOT_INDEX: tl.constexpr,  # SLOTS: tl.int32 (entries < 2**31) or tl.int64, the dtype slots are unraveled in
     BLOCK_N: tl.constexpr,  # vectors per program
@@ -252,4 +252,6 @@ def quantize_kernel(
         bits = tl.where((sketch * s[:, None] >= 0) & (mcols < m)[None, :], 1, 0)
         store_codes(signs_ptr + sign_at, put, bits, 0, sign_bytes, 1, BLOCK_N, BLOCK_M)
         res_norm = s * exact_sqrt(res_sq)
+        if NORM_MAX > 0:  # as for the norms: Inf, where a cast would round down to the norm dtype's max
+            res_norm = tl.where(res_norm > NORM_MAX, float("inf"), res_norm)
         tl.store(res_norms_ptr + res_at, _as_stored(res_norm, res_norms_ptr), mask=put)

@@ -11,9 +11,10 @@ is left as is. Each rotor is an equalizing rotation (`rotorquant.math.rotors.equ
 orientation: one stage spreads a coordinate's energy over its group of three as evenly as three dimensions
 allow (1/9, 4/9, 4/9), and the stride-3 shuffle sends the three outputs of a group to three different
 groups of the next stage: a radix-3 butterfly made of rotors, O(d) work per stage. After ``S = ceil(log3 d)``
-stages (`default_stages`) every coordinate has mixed with every other when ``d`` is a power of 3, and with at
-least 90% of the others at the dims tested (32 to 256); measured on real decoder keys, these ``S`` stages
-quantize as well as a dense rotation (``docs/benchmarks/decoder.md``).
+stages (`default_stages`) every coordinate has mixed with every other when ``d`` is a power of 3; at the other
+dims tested (32 to 256) at least 90% of the (input, output) pairs are mixed, though not evenly for every
+input (at d = 64 the last coordinate, alone in its group in the first stage, reaches 27 outputs). Measured
+on real decoder keys, these ``S`` stages quantize as well as a dense rotation (``docs/benchmarks/decoder.md``).
 
 **Randomized Hadamard** (``rotation="hadamard"``). Random signs, then a normalized Walsh-Hadamard
 transform on consecutive power-of-two blocks taken greedily from the front (`hadamard_blocks`: 80 = 64 + 16,

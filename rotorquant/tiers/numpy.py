@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from .. import calibration as calibrated
 from .. import checks
 from ..arrays import NUMPY
 from ..engine import attention as engine_attention
@@ -60,15 +61,19 @@ def _rotate_groups(u: np.ndarray, rotors: np.ndarray, inverse: bool) -> np.ndarr
     return rotate_groups(groups, rotors, inverse).reshape(padded.shape)[..., :d]
 
 
-def quantize(x: np.ndarray, params: QuantParams, *, validate: bool = True) -> Compressed:
+def quantize(x: np.ndarray, params: QuantParams, *, calibration=None, validate: bool = True) -> Compressed:
     """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)``.
 
     ``validate=False`` skips the checks that read values (``x`` finite, every norm within the spec's
     norm dtype): a vector that would fail them is stored with a non-finite norm, so it decodes to
     non-finite values, never to finite wrong ones.
+    ``calibration``: a `rotorquant.Calibration` fitted for ``params``: the code of ``A (x - mu)``, carrying the
+    calibration, which `dequantize` and `scores` then undo (`rotorquant.calibration.quantize_with`).
     """
     checks.check_params(params)
     validate = checks.check_bool("validate", validate)
+    if calibration is not None:
+        return calibrated.quantize_with(quantize, x, params, calibration, validate)
     x64 = NUMPY.vectors("x", x, params.spec.dim)
     if validate:
         checks.check_finite("x", NUMPY.all_finite(x64))
@@ -125,8 +130,11 @@ def _qjl_scale(code: Compressed, params: QuantParams) -> np.ndarray:
 
 
 def dequantize(code: Compressed, params: QuantParams) -> np.ndarray:
-    """Reconstruct ``(..., d)`` float64 vectors: ``x_mse`` (+ ``||r|| sqrt(pi/2)/m S^T z`` with QJL)."""
+    """Reconstruct ``(..., d)`` float64 vectors: ``x_mse`` (+ ``||r|| sqrt(pi/2)/m S^T z`` with QJL); a calibrated
+    code's calibration is undone (`rotorquant.calibration.dequantize_with`)."""
     checks.check_params(params)
+    if getattr(code, "calibration", None) is not None:
+        return calibrated.dequantize_with(dequantize, code, params)
     checks.check_code("code", code, params, NUMPY)
     x_hat = _mse_part(code, params)
     if params.spec.qjl:
@@ -137,9 +145,12 @@ def dequantize(code: Compressed, params: QuantParams) -> np.ndarray:
 def scores(q: np.ndarray, code: Compressed, params: QuantParams) -> np.ndarray:
     """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``.
 
-    Without QJL ``q . x_mse``; with QJL the unbiased ``q . x_mse + ||r|| sqrt(pi/2)/m <S q, z>``.
+    Without QJL ``q . x_mse``; with QJL the unbiased ``q . x_mse + ||r|| sqrt(pi/2)/m <S q, z>``; against a
+    calibrated code ``(A^-1 q) . x' + q . mu`` (`rotorquant.calibration.scores_with`).
     """
     checks.check_params(params)
+    if getattr(code, "calibration", None) is not None:
+        return calibrated.scores_with(scores, q, code, params)
     checks.check_code("code", code, params, NUMPY)
     q64 = NUMPY.vectors("q", q, params.spec.dim)
     checks.check_finite("q", NUMPY.all_finite(q64))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import calibration as calibrated
 from .. import checks
 from ..engine import attention as engine_attention
 from ..engine import slots as engine_slots
@@ -353,8 +354,8 @@ def _stored_norms(values: torch.Tensor, norm_dtype: torch.dtype) -> torch.Tensor
 
 def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: QuantParams, out: dict) -> torch.Tensor | None:
     """Quantize rows ``x (n, d)`` with norms ``s (n,)`` into the slices ``out[field] (n, ...)``; returns the
-    largest norm to store with norm correction (a 0-dim tensor; past the norm dtype it is stored as Inf),
-    else None."""
+    largest norm to store with norm correction and the largest QJL residual norm (0-dim tensors, or None
+    without norm correction or QJL; past the norm dtype they are stored as Inf)."""
     spec = params.spec
     compute = dp.centroids.dtype
     safe = torch.where(s > 0, s, torch.ones_like(s))[:, None]
@@ -373,8 +374,8 @@ def _quantize_rows(x: torch.Tensor, s: torch.Tensor, dp: DeviceParams, params: Q
         projected = unit_residual @ dp.qjl_matrix.T
         out["qjl_signs"][:] = pack_bits(projected * (s > 0)[:, None].to(compute) >= 0, 1)
         rnorm = s * torch.linalg.vector_norm(unit_residual, dim=-1, dtype=torch.float64)
-        out["residual_norms"][:] = rnorm.to(out["residual_norms"].dtype)
-    return scale.amax() if spec.norm_correction else None
+        out["residual_norms"][:] = _stored_norms(rnorm, out["residual_norms"].dtype)
+    return (scale.amax() if spec.norm_correction else None), (rnorm.amax() if spec.qjl else None)
 
 
 def _check_norms(flat: torch.Tensor, s: torch.Tensor, norm_dtype: torch.dtype, spec) -> None:
@@ -385,17 +386,21 @@ def _check_norms(flat: torch.Tensor, s: torch.Tensor, norm_dtype: torch.dtype, s
     checks.check_norms_fit("x", max_norm, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value)
 
 
-def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> Compressed:
+def quantize(x: torch.Tensor, params: QuantParams, *, calibration=None, validate: bool = True) -> Compressed:
     """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` on ``x``'s device.
 
     ``validate=False`` skips the checks that read values (``x`` finite, every norm within the spec's
     norm dtype; a vector that would fail them is stored with a non-finite norm, so it decodes to
     non-finite values). One host synchronization remains: rows whose float32 norm is extreme are
     found and redone in float64.
+    ``calibration``: a `rotorquant.Calibration` fitted for ``params``: the code of ``A (x - mu)``, carrying the
+    calibration, which `dequantize` and `scores` then undo (`rotorquant.calibration.quantize_with`).
     """
     checks.check_params(params)
     spec = params.spec
     validate = checks.check_bool("validate", validate)
+    if calibration is not None:
+        return calibrated.quantize_with(quantize, x, params, calibration, validate)
     x = TENSORS.vectors("x", x, spec.dim)
     compute = compute_dtype(x.dtype)
     dp = device_params(params, x.device, compute)
@@ -422,9 +427,13 @@ def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> 
     for start in range(0, n, step):
         rows = slice(start, start + step)
         largest.append(_quantize_rows(flat[rows], s[rows], dp, params, {k: v[rows] for k, v in out.items()}))
+    limit = float(torch.finfo(norm_dtype).max)
     if validate and spec.norm_correction and largest:
-        biggest = float(torch.stack(largest).max())
-        checks.check_norms_fit("x", biggest, float(torch.finfo(norm_dtype).max), spec.norm_dtype.value, corrected=True)
+        biggest = float(torch.stack([c for c, _ in largest]).max())
+        checks.check_norms_fit("x", biggest, limit, spec.norm_dtype.value, corrected=True)
+    if validate and spec.qjl and largest:
+        biggest = float(torch.stack([r for _, r in largest]).max())
+        checks.check_norms_fit("x", biggest, limit, spec.norm_dtype.value, residual=True)
     fields = {k: v.reshape((*lead, *v.shape[1:])) for k, v in out.items()}
     return Compressed(spec=spec, dtype=dtype_name(x.dtype), **fields)
 
@@ -485,18 +494,28 @@ def _dequantize_rows(rows: dict[str, torch.Tensor], dp: DeviceParams, spec) -> t
 
 
 def _dequantize(code: Compressed, params: QuantParams, dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
-    """``(n, d)`` reconstructions in ``dtype``, computed chunk by chunk in ``compute``."""
+    """``(n, d)`` reconstructions in ``dtype``, computed chunk by chunk in ``compute``; finite values past a
+    narrower ``dtype``'s largest finite value saturate to it (a float16 reconstruction may exceed 65504 where
+    its input did not), NaN and Inf stay."""
     spec = params.spec
     dp = device_params(params, code.codes.device, compute)
     rows = _flat_fields(code)
     out = torch.empty(rows["codes"].shape[0], spec.dim, dtype=dtype, device=code.codes.device)
-    return _in_chunks(rows, spec.dim, lambda chunk: _dequantize_rows(chunk, dp, spec), out)
+    top = torch.finfo(dtype).max if dtype != compute else None
+
+    def chunk_values(chunk):
+        x = _dequantize_rows(chunk, dp, spec)
+        return x if top is None else torch.where(torch.isfinite(x), x.clamp(-top, top), x)
+
+    return _in_chunks(rows, spec.dim, chunk_values, out)
 
 
 def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
     """Reconstruct ``(..., d)`` vectors in the input's dtype ``code.dtype``:
     ``x_mse = s Rot^T c[k]`` (+ ``||r|| sqrt(pi/2)/m S^T z`` with QJL)."""
     checks.check_params(params)
+    if getattr(code, "calibration", None) is not None:
+        return calibrated.dequantize_with(dequantize, code, params)
     checks.check_code("code", code, params, TENSORS)
     dtype = output_dtype(code)
     return _dequantize(code, params, dtype, compute_dtype(dtype)).reshape(*code.shape, params.spec.dim)
@@ -506,9 +525,12 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
     """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``
     in ``q``'s dtype.
 
-    Without QJL ``s_n (Rot q_m) . c[k_n]`` (= ``q . x_mse``); with QJL plus ``||r|| sqrt(pi/2)/m <S q, z>``.
+    Without QJL ``s_n (Rot q_m) . c[k_n]`` (= ``q . x_mse``); with QJL plus ``||r|| sqrt(pi/2)/m <S q, z>``;
+    against a calibrated code ``(A^-1 q) . x' + q . mu``.
     """
     checks.check_params(params)
+    if getattr(code, "calibration", None) is not None:
+        return calibrated.scores_with(scores, q, code, params)
     checks.check_code("code", code, params, TENSORS)
     q = TENSORS.vectors("q", q, params.spec.dim)
     checks.check_finite("q", TENSORS.all_finite(q))

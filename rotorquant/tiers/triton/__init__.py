@@ -31,6 +31,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
         f"(missing: {err.name})"
     ) from err
 
+from ... import calibration as calibrated
 from ... import checks
 from ...engine import attention as engine_attention
 from ...engine import slots as engine_slots
@@ -82,16 +83,20 @@ def _rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     return rows.contiguous() if rows.shape[0] and rows.stride(-1) != 1 else rows
 
 
-def quantize(x: torch.Tensor, params: QuantParams, *, validate: bool = True) -> Compressed:
+def quantize(x: torch.Tensor, params: QuantParams, *, calibration=None, validate: bool = True) -> Compressed:
     """Compress vectors ``x (..., d)`` into a `Compressed` of leading shape ``(...)`` (one fused kernel).
 
     ``validate=False`` skips the one check that reads values (every norm finite and within the spec's
     norm dtype; a vector that would fail it is stored with a non-finite norm, so it decodes to
     non-finite values): the call then never synchronizes with the host, and CUDA graphs can capture it.
+    ``calibration``: a `rotorquant.Calibration` fitted for ``params``: the code of ``A (x - mu)``, carrying the
+    calibration, which `dequantize` and `scores` then undo (`rotorquant.calibration.quantize_with`).
     """
     checks.check_params(params)
     spec = params.spec
     validate = checks.check_bool("validate", validate)
+    if calibration is not None:
+        return calibrated.quantize_with(quantize, x, params, calibration, validate)
     x = TENSORS.vectors("x", x, spec.dim)
     lead = tuple(x.shape[:-1])
     codes, norms, raw, signs, res = launch.quantize(_rows(x, spec.dim), params, cap_norms=not validate)
@@ -130,8 +135,11 @@ def quantize_into(x: torch.Tensor, params: QuantParams, cache: Compressed, slots
 
 
 def dequantize(code: Compressed, params: QuantParams) -> torch.Tensor:
-    """Reconstruct ``(..., d)`` vectors in the code's dtype: ``s Rot^T c[k]`` (+ the QJL term)."""
+    """Reconstruct ``(..., d)`` vectors in the code's dtype: ``s Rot^T c[k]`` (+ the QJL term); a calibrated code's
+    calibration is undone."""
     checks.check_params(params)
+    if getattr(code, "calibration", None) is not None:
+        return calibrated.dequantize_with(dequantize, code, params)
     checks.check_code("code", code, params, TENSORS)
     out_dtype = output_dtype(code)
     return launch.dequantize(code, params, out_dtype).to(out_dtype).reshape(*code.shape, params.spec.dim)
@@ -141,9 +149,12 @@ def scores(q: torch.Tensor, code: Compressed, params: QuantParams) -> torch.Tens
     """Estimates of ``q @ x.T``: ``q (..., M, d)`` against a code of leading shape ``(..., N)`` -> ``(..., M, N)``.
 
     Each query is rotated once (``Rot(q) = q @ R^T``); the kernel unpacks key codes to centroid
-    levels in registers and computes ``s * Rot(q) . c[k]`` (+ ``rho sqrt(pi/2)/m <S q, z>`` with QJL).
+    levels in registers and computes ``s * Rot(q) . c[k]`` (+ ``rho sqrt(pi/2)/m <S q, z>`` with QJL); against a
+    calibrated code ``(A^-1 q) . x' + q . mu``.
     """
     checks.check_params(params)
+    if getattr(code, "calibration", None) is not None:
+        return calibrated.scores_with(scores, q, code, params)
     checks.check_code("code", code, params, TENSORS)
     q = TENSORS.vectors("q", q, params.spec.dim)
     checks.check_min_ndim("q", tuple(q.shape), 2, "(..., M, dim)")

@@ -100,6 +100,13 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.bfloat16 and INTERPRETING else dtype
 
 
+def saturation(dtype: torch.dtype) -> float:
+    """The largest finite value of an output dtype narrower than the compute dtype, where a kernel saturates
+    finite results (a float16 reconstruction may exceed 65504 where its input did not); 0 for float32 and
+    float64, which hold any result of their own compute dtype."""
+    return float(torch.finfo(dtype).max) if dtype in (torch.float16, torch.bfloat16) else 0.0
+
+
 def word_aligned(*packed: torch.Tensor) -> bool:
     """Whether the kernels may read these ``(..., bytes)`` packed payloads (rows contiguous) as 32-bit words:
     every row starts 4-byte aligned (the pointer and the strides of every dimension longer than 1 are
@@ -224,7 +231,8 @@ def dequantize(code: Compressed, params: QuantParams, out_dtype: torch.dtype) ->
             tab.smat if spec.qjl else tab.centroids, spec.qjl_dim,
             **kernel_dtypes(compute), BITS=spec.mse_bits, MATRIX=not params.single_stage,
             QJL=spec.qjl, BLOCK_N=block_n, BLOCK_D=tab.block_d, BLOCK_C=block_c, BLOCK_M=tab.block_m,
-            WORDS=word_aligned(codes, signs), INTERLEAVED=spec.packing is Packing.INTERLEAVED, num_warps=WARPS,
+            WORDS=word_aligned(codes, signs), INTERLEAVED=spec.packing is Packing.INTERLEAVED,
+            OUT_MAX=saturation(out_dtype), num_warps=WARPS,
             **_FUSED,
         )  # fmt: skip
     return out
@@ -232,7 +240,7 @@ def dequantize(code: Compressed, params: QuantParams, out_dtype: torch.dtype) ->
 
 def _flat(t: torch.Tensor, lead: tuple[int, ...], tail: tuple[int, ...]) -> torch.Tensor:
     """Broadcast ``t`` to ``(*lead, *tail)`` and flatten the leading dims (a copy only if needed)."""
-    return t.expand(*lead, *tail).reshape(-1, *tail).contiguous()
+    return t.expand(*lead, *tail).reshape(math.prod(lead), *tail).contiguous()
 
 
 def scores(q: torch.Tensor, code: Compressed, params: QuantParams, lead: tuple[int, ...]) -> torch.Tensor:
