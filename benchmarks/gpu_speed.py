@@ -20,7 +20,8 @@ Every ratio divides two numbers measured in this same run, in microseconds. Two 
 Quantize inputs are float16 ``(n, 128)`` vectors, 3 bits, the same tensor on every call (up to
 about 16K rows it stays in the GPU's L2 cache between calls, as freshly computed keys would).
 Attention: batch 8, 32 query heads, 8 KV heads, head_dim 128, one query token, K and V compressed
-with 3-bit rotors, against `torch.nn.functional.scaled_dot_product_attention` on float16 K/V.
+with the 3-bit rotor butterfly in the presets' packing (interleaved where the head dim allows it,
+`rotorquant.presets.packing_for`), against `torch.nn.functional.scaled_dot_product_attention` on float16 K/V.
 Append: a decode step's 8 tokens, and a 2048-token prefill chunk, of 8 KV heads written into a paged
 pool, by `quantize_into` and by `quantize` plus indexed copies.
 """
@@ -38,6 +39,7 @@ import triton
 
 import rotorquant as rq
 from rotorquant.format import PAYLOAD_FIELDS
+from rotorquant.presets import packing_for
 from rotorquant.tiers import torch as torch_tier
 from rotorquant.tiers import triton as triton_tier
 from rotorquant.tiers.triton import launch
@@ -212,8 +214,8 @@ def _paged(code: rq.Compressed, page: int, seed: int) -> tuple[rq.Compressed, to
 
 
 def attention_table(contexts: list[int], batch: int, q_heads: int, kv_heads: int, dim: int, bits: int) -> None:
-    kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0))
-    vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
+    kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0, packing=packing_for(dim, bits)))
+    vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1, packing=packing_for(dim, bits)))
     print(f"\n## decode attention, batch {batch}, {q_heads} q heads, {kv_heads} kv heads, head_dim {dim}, {bits}-bit K/V")
     print("GPU time: CUDA-graph replay (triton: its three kernels, query rotation, split, combine; SDPA: the fp16 kernel)")
     print("paged: the same cache as a shuffled pool of 16-key blocks read through a block table")
@@ -254,7 +256,7 @@ def append_table(steps: list[int], kv_heads: int, dim: int, bits: int, page: int
     """Appending ``tokens`` new keys (``(tokens, kv_heads, dim)`` float16) into a paged pool of ``page``-token
     blocks stored the vLLM way: `quantize_into` (one fused kernel) against `quantize` followed by one
     indexed copy per field, both unchecked, into pools of the same blocks."""
-    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor"))
+    params = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", packing=packing_for(dim, bits)))
     print(f"\n## append to a paged cache, {kv_heads} kv heads, head_dim {dim}, {bits} bits, {page}-token blocks (microseconds)")
     print("GPU time: CUDA-graph replay; API latency: one call (or quantize + copies) on an idle GPU")
     print(_row(["tokens", "GPU quantize + copy", "GPU quantize_into", "copy / into (GPU)", "API quantize + copy",
@@ -287,8 +289,8 @@ def append_table(steps: list[int], kv_heads: int, dim: int, bits: int, page: int
 
 def attention_sweep(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, bits: int) -> None:
     """GPU time of compressed decode attention for each launch configuration of the split kernel."""
-    kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0))
-    vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1))
+    kp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=0, packing=packing_for(dim, bits)))
+    vp = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor", seed=1, packing=packing_for(dim, bits)))
     q, k, v, k_code, v_code = _cache(n, batch, q_heads, kv_heads, dim, kp, vp)
     del k, v
     lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)

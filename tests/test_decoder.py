@@ -79,6 +79,8 @@ def test_reference_and_methods_on_a_tiny_model(tiny_model_dir):
     k4v2 = ref.run("rotor k4v2", lambda: decoder.Method("rotorquant", "k4v2", "rotor").cache(model.config),
                    decoder.held_bytes)  # fmt: skip
     assert k4v2.bytes_per_token_layer == preset("k4v2").bytes_per_token(16, 2)
+    seeded = decoder.Method("rotorquant", "k4v2", "rotor", seed=5).cache(model.config).plans[0]
+    assert (seeded.key_spec.seed, seeded.value_spec.seed) == (5, 6)
     assert k4v2.kl > 0 and len(k4v2.per_window) == 2 and k4v2.sem_pct > 0
     hqq = ref.run("hqq", lambda: decoder.Method("hqq", bits=4, group=16, residual=16).cache(model.config),
                   decoder.held_bytes)  # fmt: skip

@@ -259,7 +259,7 @@ def llm_rows(config: BenchConfig, progress) -> dict:
     ids = tokenizer(text).input_ids
     protocol = llm_protocol(config)
     reference = decoder.Reference(model, ids, protocol, progress)
-    methods = [decoder.Method("rotorquant", p, r) for p in PRESETS for r in LLM_ROTATIONS]
+    methods = [decoder.Method("rotorquant", p, r, config.seed) for p in PRESETS for r in LLM_ROTATIONS]
     methods += [decoder.Method(kind, bits=bits) for kind, bits in LLM_PEERS]
     rows = [reference.run("fp32 (exact)", lambda: decoder.Method("exact").cache(model.config), decoder.held_bytes)]
     for method in progress(methods, "llm methods"):

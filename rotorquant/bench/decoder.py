@@ -232,7 +232,7 @@ class Reference:
 @dataclass(frozen=True)
 class Method:
     """A KV cache to measure: ``kind`` is ``"exact"`` (transformers' DynamicCache), ``"rotorquant"``
-    (`rotorquant.integrations.transformers.RotorQuantCache` with ``preset`` and ``rotation``), ``"quanto"``
+    (`rotorquant.integrations.transformers.RotorQuantCache` with ``preset``, ``rotation`` and ``seed``), ``"quanto"``
     or ``"hqq"`` (transformers' QuantizedCache at ``bits`` with groups of ``group``, keeping up to
     ``residual`` recent tokens in full precision and requantizing everything when they fill up; 128 is its
     default)."""
@@ -240,6 +240,7 @@ class Method:
     kind: str
     preset: str = ""
     rotation: str = ""
+    seed: int = 0
     bits: int = 0
     group: int = 64
     residual: int = 128
@@ -261,7 +262,7 @@ class Method:
         if self.kind == "rotorquant":
             from rotorquant.integrations.transformers import RotorQuantCache
 
-            return RotorQuantCache(config, preset=self.preset, rotation=self.rotation, tier="torch")
+            return RotorQuantCache(config, preset=self.preset, rotation=self.rotation, seed=self.seed, tier="torch")
         return QuantizedCache(
             self.kind, config, nbits=self.bits, q_group_size=self.group, residual_length=self.residual
         )

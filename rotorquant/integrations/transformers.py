@@ -538,13 +538,15 @@ class RotorQuantCache(Cache):
             (``"full_attention"``, ``"sliding_attention"``) and ``head_dim``.
         preset: a name in `rotorquant.presets.PRESETS` (None: ``DEFAULT_PRESET``): the bits of keys and values
             and the rotation; every explicit argument below overrides it.
-        key_bits, value_bits: bits per coordinate of keys and of values (1..8; 2..8 with QJL).
+        key_bits: bits per coordinate of keys (1..8; 2..8 with QJL).
+        value_bits: bits per coordinate of values (1..8; 2..8 with QJL).
         rotation: ``"rotor"`` (RotorQuant), ``"hadamard"`` or ``"dense"`` (TurboQuant), keys and values.
         stages: rotor butterfly stages (``rotation`` rotor; None: ``ceil(log3 head_dim)``, see
             `rotorquant.QuantizerSpec`).
         residual_length: the most recent tokens kept in full precision (0: every past token is compressed).
-        key_qjl, value_qjl: add the 1-bit QJL residual sketch (unbiased scores; measured worse for softmax
+        key_qjl: add the 1-bit QJL residual sketch to keys (unbiased scores; measured worse for softmax
             attention, see ``docs/benchmarks/fidelity.md``).
+        value_qjl: the same for values.
         norm_correction: store ``||x|| / ||c||`` so reconstructions keep their length; None (default) turns it
             on for every side without QJL (it measured better on every attention metric at 2, 3 and 4 bits).
         norm_dtype: ``"float32"`` or ``"float16"`` per-vector norms.

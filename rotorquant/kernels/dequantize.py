@@ -4,8 +4,8 @@ For a row with codes ``k``, stored norm ``s`` and, with QJL, signs ``z`` and res
 
     x_hat = s * Rot^T(c[k]) + rho * sqrt(pi/2) / m * S^T z
 
-    rotor:  x_c = sum_i W^T[i, c] * c[k_{3*(c//3)+i}]   (codes gathered from the packed bytes, O(d))
-    dense:  x = c[k] @ R                                (tl.dot, O(d^2))
+    one rotor stage:  x_c = sum_i W^T[i, c] * c[k_{3*(c//3)+i}]   (codes gathered from the packed bytes, O(d))
+    any other rotation:  x = c[k] @ R with its matrix      (tl.dot, O(d^2))
 """
 
 import triton

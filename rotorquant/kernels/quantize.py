@@ -7,8 +7,9 @@ One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for f
     (divisions are multiplications by per-row reciprocals; a row whose max is below 2**-64 is first
     scaled by 2**64, exactly, so 1 / big stays finite for subnormals. float16 inputs skip ``big``:
     s = ||x||, u = x / s, since their squares can neither overflow nor underflow float32)
-    y = Rot(u)            rotor:  y_c = sum_i W[i, c] * u[3*(c//3) + i]    (3x3 blocks, O(d))
-                          dense:  y = u @ R^T                              (tl.dot, O(d^2))
+    y = Rot(u)            one rotor stage:  y_c = sum_i W[i, c] * u[3*(c//3) + i]   (3x3 blocks, O(d))
+                          any other rotation (the rotor butterfly, Hadamard, dense):
+                                            y = u @ R^T with its matrix          (tl.dot, O(d^2))
     k_c = #{i : y_c >= boundaries[i]}       (binary search; boundaries picked by selects up to 4 bits)
     stored norm = s, or s / ||c[k]|| with norm correction
     QJL:  S r = s * (S Rot^T) (y - c[k]),  ||r|| = s * ||y - c[k]||   (the rotation is orthogonal)

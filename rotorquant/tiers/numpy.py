@@ -3,7 +3,9 @@
 Pipeline for one vector ``x`` in R^d (``c`` = centroids, ``b`` = boundaries):
 
     s = ||x||,  u = x / s                          normalize
-    y = Rot(u)                                     rotors: R_g u_g R_g~ per 3-dim group (clifford)
+    y = Rot(u)                                     rotor butterfly: per stage, shuffle, then R_g u_g R_g~
+                                                   per 3-dim group (clifford); Hadamard: H (signs * u);
+                                                   dense: M u
     k_j = #{i : y_j >= b_i}                        nearest centroid
     x_mse = s * Rot^T(c[k])                        reconstruction
     with QJL:  r = x - x_mse,  z = sign(S r),  x_hat = x_mse + ||r|| sqrt(pi/2)/m * S^T z

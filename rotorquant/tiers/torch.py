@@ -5,12 +5,14 @@ leading shape in float16, bfloat16, float32 or float64, on CPU or CUDA. Per vect
 (``c`` = centroids, ``b`` = boundaries):
 
     s = ||x||,  u = x / s                    normalize (rows float32 cannot hold: in float64)
-    y = Rot u                                rotor 3x3 blocks as 3 diagonals + 2 column gathers;
-                                             dense: one matmul (`LinearMap`)
+    y = Rot u                                one rotor stage: 3x3 blocks as 3 diagonals + 2 column
+                                             gathers; every other rotation (the rotor butterfly,
+                                             Hadamard, dense): one matmul with its matrix (`LinearMap`)
     k_j = #{i : y_j >= b_i}                  a boundary grid: base[t] + (y_j >= next[t]),
                                              never a (n, d, 2**bits) tensor (`boundary_grid`)
     codes                                    8 one-byte codes -> one int64 -> 3 shift/mask steps
-                                             -> ``bits`` little-endian bytes (`pack_bits`)
+                                             -> ``bits`` little-endian bytes (`pack_bits`), or the
+                                             interleaved packing (`rotorquant.format`)
     with QJL:  r = s (u - Rot^T c[k]),  signs = (S r >= 0),  ||r||
 
 Arithmetic runs in float64 for float64 inputs and in float32 otherwise; outputs come back in

@@ -124,7 +124,7 @@ def word_aligned(*packed: torch.Tensor) -> bool:
 
 def quantize_defaults(params: QuantParams) -> tuple[int, int, int]:
     """``(vectors per program, coordinates per chunk, warps)`` for ``params``: float32 ``tl.dot`` operands of a
-    chunk stay <= 32 KiB. The rotor path without QJL (no tl.dot) runs 16 vectors on 2 warps at d <= 128:
+    chunk stay <= 32 KiB. One rotor stage without QJL (no tl.dot) runs 16 vectors on 2 warps at d <= 128:
     fastest in the launch sweep of `benchmarks/gpu_speed.py` on an H200 (23 us vs 49 us for 32 vectors on
     8 warps at n = 16384)."""
     spec = params.spec
