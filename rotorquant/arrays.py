@@ -66,7 +66,10 @@ class NumpyArrays:
     def integers(self, name: str, value: object, like: np.ndarray) -> np.ndarray:
         from . import checks
 
-        a = np.asarray(value)
+        try:
+            a = np.asarray(value)
+        except (TypeError, ValueError) as error:
+            checks.refuse_integers(name, value, error)
         checks.check_integer(name, a.dtype.kind in "iu", a.dtype.name)
         if a.dtype == np.uint64:  # past int64 the cast would wrap negative: keep such values out of range
             a = np.minimum(a, np.uint64(np.iinfo(np.int64).max))

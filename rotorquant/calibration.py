@@ -123,13 +123,13 @@ class Calibration:
                 )
         return self._cache[key]
 
-    def _check(self, name: str, x) -> None:
+    def _check(self, name: str, x, finite: bool = True) -> None:
         if not isinstance(x, np.ndarray) and type(x).__module__.split(".")[0] != "torch":
             raise TypeError(f"{name}: expected a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
         floating = np.issubdtype(x.dtype, np.floating) if isinstance(x, np.ndarray) else x.is_floating_point()
         if not floating:
             raise TypeError(f"{name}: expected a real floating-point dtype, got {x.dtype}")
-        if isinstance(x, np.ndarray) and not np.isfinite(x).all():  # torch tiers check on their own pass
+        if finite and isinstance(x, np.ndarray) and not np.isfinite(x).all():  # torch tiers check on their own pass
             raise ValueError(f"{name}: expected finite values, got NaN or Inf")
         dim = self.spec.dim
         if x.ndim == 0 or x.shape[-1] != dim:
@@ -150,9 +150,10 @@ class Calibration:
 
         return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
-    def precondition(self, x):
-        """``x (..., d)`` -> ``x' = Rot^T (Rot(x - mu) / s)``, in the compute dtype."""
-        self._check("x", x)
+    def precondition(self, x, *, validate: bool = True):
+        """``x (..., d)`` -> ``x' = Rot^T (Rot(x - mu) / s)``, in the compute dtype; ``validate=False`` lets a
+        non-finite row through (it stays non-finite, as a tier's ``quantize(validate=False)`` stores it)."""
+        self._check("x", x, finite=validate)
         x = self._upcast(x)
         m, s, mu = self._consts(x)
         if mu is not None:
@@ -160,8 +161,9 @@ class Calibration:
         return ((x @ m.T) / s) @ m
 
     def restore(self, x_prime):
-        """``x' (..., d)`` -> ``x = Rot^T (s * Rot x') + mu``, in the compute dtype."""
-        self._check("x_prime", x_prime)
+        """``x' (..., d)`` -> ``x = Rot^T (s * Rot x') + mu``, in the compute dtype (a non-finite row, which a
+        code stored by ``quantize(validate=False)`` decodes to, stays non-finite)."""
+        self._check("x_prime", x_prime, finite=False)
         x_prime = self._upcast(x_prime)
         m, s, mu = self._consts(x_prime)
         x = ((x_prime @ m.T) * s) @ m
@@ -283,7 +285,7 @@ def quantize_with(quantize, x, params: QuantParams, calibration: Calibration, va
         raise TypeError(f"calibration: expected a rotorquant.Calibration or None, got {type(calibration).__name__}")
     if not calibration.params.same_as(params):
         raise ValueError(f"calibration: expected one fitted for {params.spec}, got one fitted for {calibration.spec}")
-    code = quantize(calibration.precondition(x), params, validate=validate)
+    code = quantize(calibration.precondition(x, validate=validate), params, validate=validate)
     return dataclasses.replace(code, dtype=str(x.dtype).removeprefix("torch."), calibration=calibration)
 
 

@@ -4,6 +4,8 @@ argument, what was expected and what was received. Tiers compute the facts
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import numpy as np
 
 from .format import PACKED_FIELDS, PAYLOAD_FIELDS, Compressed
@@ -165,6 +167,11 @@ def check_integer(name: str, is_integer: bool, dtype: str) -> None:
     """Lengths, block ids and slots are integers (not floats, complex or bools)."""
     if not is_integer:
         raise TypeError(f"{name}: expected integers, got dtype {dtype}")
+
+
+def refuse_integers(name: str, value: object, error: Exception) -> NoReturn:
+    """Lengths, block ids and slots that no array of integers can be made of (ragged or mixed lists)."""
+    raise TypeError(f"{name}: expected integers (an array, a tensor or a list of ints), got {type(value).__name__} ({error})")
 
 
 def check_scale(scale: object) -> float:

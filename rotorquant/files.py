@@ -303,7 +303,7 @@ def _host(a) -> tuple[str, np.ndarray]:
         host = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
     else:
         raise TypeError(f"expected a numpy.ndarray or torch.Tensor, got {type(a).__name__}")
-    return name, np.ascontiguousarray(host, dtype=host.dtype.newbyteorder("<"))
+    return name, np.asarray(host, dtype=host.dtype.newbyteorder("<"), order="C")
 
 
 def _checked_payload(where: str, code: object) -> tuple[dict[str, np.ndarray], Calibration | None]:
@@ -405,7 +405,7 @@ def _converter(like, device):
 
     if like is not None and not isinstance(like, torch.Tensor):
         raise TypeError(f"like: expected None, a numpy.ndarray or a torch.Tensor, got {type(like).__name__}")
-    target = torch.device(device) if device is not None else like.device
+    target = _torch_device(torch, device) if device is not None else like.device
 
     def to_torch(dtype, shape, data, fail, name):
         if dtype == "BF16":
@@ -414,6 +414,16 @@ def _converter(like, device):
         return torch.from_numpy(_numpy(dtype, shape, data, fail, name)).to(target)
 
     return to_torch
+
+
+def _torch_device(torch, device):
+    """``device`` as a `torch.device` that can hold tensors here, or a `ValueError` naming it."""
+    try:
+        target = torch.device(device)
+        torch.empty(0, device=target)
+    except (RuntimeError, AssertionError, TypeError) as error:
+        raise ValueError(f"device: expected a torch device available here (such as 'cpu'), got {device!r}: {error}") from None
+    return target
 
 
 def _numpy_or_fail(dtype, shape, data, fail, name):

@@ -42,6 +42,8 @@ class Preset:
 
     def bytes_per_token(self, dim: int, kv_heads: int, norm_dtype: str = "float32") -> int:
         """Bytes one token takes in one layer: keys and values of every KV head, norms included."""
+        if not isinstance(kv_heads, int) or isinstance(kv_heads, bool) or kv_heads < 1:
+            raise ValueError(f"kv_heads: expected an int >= 1, got {kv_heads!r}")
         key, value = self.specs(dim, norm_dtype=norm_dtype)
         return kv_heads * (key.bytes_per_vector + value.bytes_per_vector)
 
@@ -64,13 +66,15 @@ DEFAULT_PRESET = "k4v2"
 
 def packing_for(dim: int, mse_bits: int) -> Packing:
     """The packing caches and engines use: interleaved where it is defined (``dim`` a multiple of 32, 2 to 4
-    codebook bits), contiguous elsewhere."""
-    interleaved = dim % INTERLEAVED_CHUNK == 0 and mse_bits in INTERLEAVED_BITS
+    codebook bits), contiguous elsewhere (where `QuantizerSpec` then refuses a ``dim`` that is no int)."""
+    interleaved = isinstance(dim, int) and dim % INTERLEAVED_CHUNK == 0 and mse_bits in INTERLEAVED_BITS
     return Packing.INTERLEAVED if interleaved else Packing.CONTIGUOUS
 
 
 def preset(name: str) -> Preset:
     """The preset called ``name`` (one of `PRESETS`)."""
+    if not isinstance(name, str):
+        raise TypeError(f"preset: expected a preset name (str), got {type(name).__name__}")
     if name not in PRESETS:
         raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
     return PRESETS[name]

@@ -3,6 +3,7 @@ without a clear message.
 
 - QJL residual norms past a float16 norm dtype: refused when checked, Inf (never finite) when not;
 - float16 and bfloat16 inputs near their largest value decode to finite values (saturated), NaN stays NaN;
+- a code whose norm is the float32 maximum decodes to finite values (saturated where float32 overflows);
 - tampered payloads (a field of another dtype, shape or array library, a list) are refused by name;
 - scores against an empty code have shape ``(..., M, 0)``;
 - a bad softmax scale is refused by name.
@@ -55,6 +56,22 @@ def test_inputs_near_the_dtype_max_decode_to_finite_values(tier, dtype, big):
         assert str(out.dtype) == f"torch.{dtype}" and np.abs(x_hat).max() <= float(torch.finfo(out.dtype).max)
     bad = tier.module.quantize(tier.array(np.array([[np.nan] + [1.0] * 9]), dtype), params, validate=False)
     assert np.isnan(to_numpy(tier.module.dequantize(bad, params))).all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # the interpreter overflows, as intended
+def test_a_norm_at_the_float32_max_decodes_to_finite_values(tier):
+    """Each 4-bit code of ``e_0`` pushed to the extreme level of its sign makes ``(Rot^T c[k])_0 ~ 2`` (> 1),
+    which times the largest float32 norm overflows float32 arithmetic: the reconstruction saturates at the
+    float32 maximum instead of becoming Inf (the NumPy tier's float64 holds it)."""
+    params = rq.build_params(rq.QuantizerSpec(dim=64, bits=4, packing="contiguous", norm_correction=False))
+    code = rq.tiers.numpy.quantize(np.eye(64)[:1], params)
+    low, high = code.codes & 15, code.codes >> 4  # two codes per byte; levels 8..15 are the positive half
+    extreme = np.where(low >= 8, 15, 0) | np.where(high >= 8, 15, 0) << 4
+    top = float(np.finfo(np.float32).max)
+    code = dataclasses.replace(code, codes=extreme.astype(np.uint8), norms=np.full_like(code.norms, top))
+    x_hat = to_numpy(tier.module.dequantize(tier.code(code, dtype="float32"), params))
+    assert np.isfinite(x_hat).all()
+    assert np.abs(x_hat).max() > top if tier.device is None else np.abs(x_hat).max() == top
 
 
 def _code(tier):

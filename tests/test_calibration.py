@@ -105,6 +105,25 @@ def test_calibrated_quantizer_on_every_tier(tier):
     np.testing.assert_allclose(s, q @ np.swapaxes(x_hat, -1, -2), atol=2e-3 * np.abs(s).max())
 
 
+@pytest.mark.parametrize("tier", [t for t in TIERS if "float32" in t.dtypes], ids=lambda t: t.name)
+def test_unchecked_calibrated_quantize_stores_a_non_finite_row_as_non_finite(tier):
+    """``validate=False`` skips the finiteness check on every tier alike: the bad row decodes to non-finite
+    values, the others to what the checked call gives."""
+    cal = rq.calibrate(_keys(seed=0), PARAMS, axis=(0, 2), center=True)
+    x = _keys(seed=1, shape=(2, 3, 8)).astype(np.float32)
+    bad = x.copy()
+    bad[0, 1, 2, 5] = np.nan
+    quantize, dequantize = tier.module.quantize, tier.module.dequantize
+    with pytest.raises(ValueError, match="x: expected finite values"):
+        quantize(tier.array(bad, "float32"), PARAMS, calibration=cal)
+    x_hat = to_numpy(dequantize(quantize(tier.array(bad, "float32"), PARAMS, calibration=cal, validate=False), PARAMS))
+    good = to_numpy(dequantize(quantize(tier.array(x, "float32"), PARAMS, calibration=cal), PARAMS))
+    assert np.isnan(x_hat[0, 1, 2]).all()
+    keep = np.ones(x.shape[:-1], dtype=bool)
+    keep[0, 1, 2] = False
+    np.testing.assert_array_equal(x_hat[keep], good[keep])
+
+
 def test_scores_refuse_statistics_that_vary_along_the_vectors():
     """Per-position statistics fit the codes but would be applied along the queries' axis."""
     x = _keys(shape=(4, 6))

@@ -1,6 +1,7 @@
 """`rotorquant bench`: tables, JSON, plot, filters, help, and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -70,6 +71,14 @@ def test_output_paths_are_checked_before_the_run(capsys, tmp_path, monkeypatch, 
     code, _, err = run(capsys, "bench", "--sections", "bytes", option, str(tmp_path / name))
     assert code == 2 and err.startswith(f"rotorquant bench: error: {message}") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder no file can be made in")
+def test_an_output_folder_that_takes_no_files_is_refused_before_the_run(capsys, monkeypatch):
+    """``/proc`` passes a permission check (as root) but refuses new files: the check makes one."""
+    monkeypatch.setattr(cli, "run_bench", lambda config: pytest.fail("measured despite a bad output path"))
+    code, _, err = run(capsys, "bench", "--sections", "bytes", "--json", "/proc/x.json")
+    assert code == 2 and err.startswith("rotorquant bench: error: --json: expected a file in a writable folder, got '/proc/x.json'")
 
 
 def test_interrupt_is_one_line_and_exit_130(capsys, monkeypatch):

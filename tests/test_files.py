@@ -302,6 +302,16 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="device: expected None when like is a NumPy array"):
         rq.load(path, like=np.empty(0), device="cpu")
     assert isinstance(rq.load(path, device="cpu").codes, torch.Tensor)
+    for device in ("nonsense", 3.5) + (() if torch.cuda.is_available() else ("cuda:0",)):
+        with pytest.raises(ValueError, match=rf"device: expected a torch device available here \(such as 'cpu'\), got {device!r}"):
+            rq.load(path, device=device)
+
+
+def test_a_zero_dimensional_array_keeps_its_shape_on_the_host():
+    name, host = files._host(np.array(2.5, dtype=">f4"))
+    assert (name, host.shape, host.dtype.str, float(host)) == ("float32", (), "<f4", 2.5)
+    name, host = files._host(np.arange(6, dtype=np.int32).reshape(2, 3).T)
+    assert host.flags.c_contiguous and host.tolist() == [[0, 3], [1, 4], [2, 5]]
 
 
 def test_torch_load_with_weights_only_refuses_a_compressed(tmp_path):

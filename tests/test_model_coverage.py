@@ -137,7 +137,7 @@ def test_hybrid_options_per_layer_kind():
         RotorQuantCache(m.config, per_kind={"sliding": {}})
     with pytest.raises(ValueError, match=r"per_kind\['sliding_attention'\]: expected a dict of options among"):
         RotorQuantCache(m.config, per_kind={"sliding_attention": {"bits": 3}})
-    with pytest.raises(ValueError, match=r"per_kind\['sliding_attention'\]: QuantizerSpec.bits"):
+    with pytest.raises(ValueError, match=r"per_kind\['sliding_attention'\]: keys: QuantizerSpec.bits"):
         RotorQuantCache(m.config, per_kind={"sliding_attention": {"key_bits": 0}})
 
 

@@ -254,6 +254,8 @@ def _mutations(tier: Tier, params: rq.QuantParams):
     return [
         ("slots shape", lambda a: {**a, "slots": a["slots"][:2]}, ValueError, r"^slots: expected shape \(4,\) \(x's leading shape\), got \(2,\)"),
         ("slots float", lambda a: {**a, "slots": _on(tier, np.array([0.0, 1, 2, 3]))}, TypeError, "^slots: expected integers, got dtype float"),
+        ("slots ragged", lambda a: {**a, "slots": [0, [1], 2, 3]}, TypeError,
+         r"^slots: expected integers \(an array, a tensor or a list of ints\), got list"),
         ("x dtype", lambda a: {**a, "x": _x(tier, (4, 32), 0, "float64")}, TypeError,
          r"^x: expected dtype float32 \(the cache's dtype\), got float64"),
         ("x dim", lambda a: {**a, "x": _x(tier, (4, 31), 0)}, ValueError, "^x: expected"),

@@ -48,3 +48,25 @@ def test_invalid_values_name_the_field_range_and_value(kwargs, field, shown):
         rq.QuantizerSpec(**kwargs)
     message = str(info.value)
     assert f"QuantizerSpec.{field}" in message and "expected" in message and shown in message
+
+
+@pytest.mark.parametrize("kv_heads", [0, -2, 1.5, True, "3"])
+def test_preset_bytes_per_token_refuses_bad_kv_heads(kv_heads):
+    with pytest.raises(ValueError, match=rf"kv_heads: expected an int >= 1, got {kv_heads!r}"):
+        rq.preset("k4v2").bytes_per_token(64, kv_heads)
+
+
+def test_preset_bytes_per_token_counts_keys_and_values_of_every_head():
+    key, value = rq.preset("k4v2").specs(64)
+    assert rq.preset("k4v2").bytes_per_token(64, 3) == 3 * (key.bytes_per_vector + value.bytes_per_vector) == 168
+
+
+@pytest.mark.parametrize("name, error", [(4, TypeError), (None, TypeError), ("k9v9", ValueError)])
+def test_preset_names_the_argument(name, error):
+    with pytest.raises(error, match="preset: expected"):
+        rq.preset(name)
+
+
+def test_preset_specs_with_a_non_int_dim_fail_in_the_spec():
+    with pytest.raises(ValueError, match="QuantizerSpec.dim"):
+        rq.preset("k4v2").specs(64.0)

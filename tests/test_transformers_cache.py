@@ -437,6 +437,8 @@ def test_load_refuses_other_files_and_other_configs(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="SHA-256"):
         RotorQuantCache.load(path, MODEL.config)
+    with pytest.raises(ValueError, match="device: expected a torch device available here"):
+        RotorQuantCache.load(path, MODEL.config, device="nonsense")
 
 
 def test_bad_arguments():
@@ -447,8 +449,15 @@ def test_bad_arguments():
         RotorQuantCache(config, calibration="model")
     with pytest.raises(ValueError, match="tier: expected one of 'auto', 'torch', 'triton', got 'numpy'"):
         RotorQuantCache(config, tier="numpy")
-    with pytest.raises(ValueError, match="QuantizerSpec.bits"):
+    with pytest.raises(ValueError, match="^keys: QuantizerSpec.bits: expected an int in 1..8, got 9"):
         RotorQuantCache(config, key_bits=9)
+    with pytest.raises(ValueError, match=r"^values: QuantizerSpec.bits: expected an int in 2..8 when qjl=True \(1 bit goes to the QJL sign\), got 1"):
+        RotorQuantCache(config, value_bits=1, value_qjl=True)
+    with pytest.raises(TypeError, match="config: expected a transformers PretrainedConfig .model.config., got NoneType"):
+        RotorQuantCache(None)
+    for count in (1.5, "3", True):
+        with pytest.raises(TypeError, match=f"crop: expected the number of tokens to remove as an int, got {count!r}"):
+            RotorQuantCache(config).crop(count)
     with pytest.raises(ValueError, match="kind: expected None or one of"):
         RotorQuantCache(config).nbytes("sliding")
 

@@ -618,6 +618,7 @@ def test_word_reads_and_byte_reads_agree_with_reference(bits, qjl, dim, packing)
 # ---------------------------------------------------------------------------- real-GPU compilation
 
 _AOT_SCRIPT = r"""
+import re
 import sys
 import torch
 sys.path.insert(0, "benchmarks")
@@ -715,3 +716,20 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     asm = [(line[0], int(line[6]), line[10]) for line in lines if int(line[8])]  # variants with the PRMT asm
     assert len(asm) >= 4 and all(name == "attention_split_kernel" for name, *_ in asm), asm  # the half-precision ones
     assert all(prmt >= 64 and ok == "True" for _, prmt, ok in asm), asm
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(attention_block_n=96), r"LaunchConfig.attention_block_n: expected a power of two, got 96"),
+        (dict(quantize_block_c=0), r"LaunchConfig.quantize_block_c: expected a power of two or None, got 0"),
+        (dict(quantize_warps=2.0), r"LaunchConfig.quantize_warps: expected a power of two or None, got 2.0"),
+        (dict(attention_stages=0), r"LaunchConfig.attention_stages: expected an int >= 1, got 0"),
+        (dict(splits=True), r"LaunchConfig.splits: expected an int >= 1 or None, got True"),
+        (dict(int32_entries=-1), r"LaunchConfig.int32_entries: expected an int >= 0, got -1"),
+    ],
+)
+def test_launch_config_names_a_bad_setting(change, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        launch.LaunchConfig(**change)
+    assert launch.LaunchConfig(splits=3, quantize_block_n=64, int32_entries=0).splits == 3

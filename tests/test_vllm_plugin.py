@@ -147,6 +147,25 @@ def test_refusals(plugin):
     assert plugin.RotorQuantMetadataBuilder.get_cudagraph_support(None, None) is AttentionCGSupport.UNIFORM_BATCH
 
 
+def test_paged_codes_and_tier_for_name_bad_arguments(plugin):
+    layout = plugin.slot_layout("rotorquant_k4v2", 64)
+    pool = torch.zeros(2, 3, 16, layout.slot_bytes, dtype=torch.uint8)
+    k_code, v_code = plugin.paged_codes(pool, layout, torch.bfloat16)
+    assert k_code.codes.shape[:3] == v_code.norms.shape == (2, 3, 16) and k_code.dtype == "bfloat16"
+    with pytest.raises(TypeError, match="^kv_cache: expected a torch.Tensor, got ndarray"):
+        plugin.paged_codes(pool.numpy(), layout, torch.bfloat16)
+    with pytest.raises(ValueError, match=rf"^kv_cache: expected uint8 \(num_blocks, Hkv, page, {layout.slot_bytes}\)"):
+        plugin.paged_codes(pool[..., :-1], layout, torch.bfloat16)
+    strided = torch.zeros(2, 3, 16, 2 * layout.slot_bytes, dtype=torch.uint8)[..., ::2]
+    with pytest.raises(ValueError, match="^kv_cache: expected a unit last stride"):
+        plugin.paged_codes(strided, layout, torch.bfloat16)
+    with pytest.raises(ValueError, match="^dtype: expected torch.float16, torch.bfloat16 or torch.float32"):
+        plugin.paged_codes(pool, layout, torch.int8)
+    assert plugin.tier_for("cpu") is plugin.tier_for(torch.device("cpu")) is torch_tier
+    with pytest.raises(ValueError, match="^device: expected one of"):
+        plugin.tier_for("meta")
+
+
 def test_version_gate(plugin, monkeypatch):
     monkeypatch.setattr(vllm, "__version__", "0.32.2")
     with pytest.raises(RuntimeError, match=r"needs vllm >= 0\.33 .*found vllm 0\.32\.2"):

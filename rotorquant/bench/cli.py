@@ -20,6 +20,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -639,8 +640,13 @@ def check_output_path(option: str, path: str | None, suffix: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise BenchError(f"{option}: expected a file in an existing folder, got {path!r} ({folder} does not exist)")
-    if not os.access(folder, os.W_OK):
-        raise BenchError(f"{option}: expected a file in a writable folder, got {path!r} ({folder} is not writable)")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise BenchError(
+            f"{option}: expected a file in a writable folder, got {path!r} ({folder} is not writable: {exc.strerror or exc})"
+        ) from None
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -249,6 +249,8 @@ class RotorQuantLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (a count <= 0, as transformers passes it): codes,
         window and sequence length; under past recording, then compress and drop as ``update`` would."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise TypeError(f"crop: expected the number of tokens to remove as an int, got {tokens_to_remove!r}")
         if tokens_to_remove > 0:
             raise ValueError(
                 f"crop: expected the number of tokens to remove as a negative int, got {tokens_to_remove} "
@@ -446,6 +448,8 @@ class LayerPlan:
 def _config_layers(config) -> list[tuple[str, object]]:
     """``(layer type, layer config)`` per decoder layer, layer types read or inferred as transformers does; a
     type the cache cannot store raises ``ValueError`` naming it and the layer."""
+    if not callable(getattr(config, "get_text_config", None)):
+        raise TypeError(f"config: expected a transformers PretrainedConfig (model.config), got {type(config).__name__}")
     config = config.get_text_config(decoder=True)
     count = config.num_hidden_layers
     per_layer = list(getattr(config, "per_layer_config", None) or [config] * count)
@@ -493,7 +497,10 @@ def _specs(options: dict, dim: int, seed: int) -> tuple[QuantizerSpec, Quantizer
             changes["stages"] = options["stages"]
         bits = changes.get("bits", spec.bits)
         changes["packing"] = packing_for(dim, bits - 1 if changes["qjl"] else bits)
-        out.append(dataclasses.replace(spec, **changes))
+        try:
+            out.append(dataclasses.replace(spec, **changes))
+        except ValueError as exc:
+            raise ValueError(f"{side}s: {exc}") from None
     return out[0], out[1]
 
 

@@ -105,12 +105,18 @@ def paged_codes(kv_cache, layout: SlotLayout, dtype) -> tuple[rq.Compressed, rq.
     ``(num_blocks, Hkv, page)``; ``dtype``: the torch dtype the model's keys and values have."""
     import torch
 
+    if not isinstance(kv_cache, torch.Tensor):
+        raise TypeError(f"kv_cache: expected a torch.Tensor, got {type(kv_cache).__name__}")
     if kv_cache.dtype != torch.uint8 or kv_cache.ndim != 4 or kv_cache.shape[-1] != layout.slot_bytes:
         raise ValueError(
             f"kv_cache: expected uint8 (num_blocks, Hkv, page, {layout.slot_bytes}), got {kv_cache.dtype} "
             f"{tuple(kv_cache.shape)}"
         )
+    if kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache: expected a unit last stride (each slot's bytes contiguous), got strides {kv_cache.stride()}")
     name = str(dtype).removeprefix("torch.")
+    if name not in ("float16", "bfloat16", "float32"):
+        raise ValueError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32 (the model's), got {dtype!r}")
 
     def field(spec, codes, norm):
         norms = kv_cache[..., norm : norm + spec.norm_bytes].view(torch.float32)[..., 0]
@@ -141,7 +147,11 @@ def write_slots(pool, slots, rows) -> None:
 
 
 def tier_for(device):
-    """The tier module (``quantize``, ``attention``, ...) that runs on ``device`` (`TIERS`)."""
+    """The tier module (``quantize``, ``attention``, ...) that runs on ``device`` (a `torch.device` or its
+    name, `TIERS`)."""
+    import torch
+
+    device = torch.device(device)
     if device.type not in TIERS:
         raise ValueError(f"device: expected one of {sorted(TIERS)}, got {device.type!r}")
     return importlib.import_module(TIERS[device.type])

@@ -39,7 +39,7 @@ def dequantize_kernel(
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # output coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
-    OUT_MAX: tl.constexpr,  # > 0: the output dtype's largest finite value, where finite results saturate; 0: none
+    OUT_MAX: tl.constexpr,  # the output dtype's largest finite value, where rows with finite norms saturate
     WORDS: tl.constexpr,  # packed rows (codes, signs) start 4-byte aligned, whole 32-bit words long
     INTERLEAVED: tl.constexpr,  # codes in the interleaved packing (BITS 2..4, d a multiple of 32)
 ):
@@ -57,6 +57,9 @@ def dequantize_kernel(
         mcols = tl.arange(0, BLOCK_M)
         z = load_signs(signs_ptr + rows64 * sign_bytes, row_ok, sign_bytes, m, BLOCK_N, BLOCK_M, CDT, WORDS)
         rho = tl.load(res_norms_ptr + rows, mask=row_ok, other=0.0).to(CDT)
+        finite = (tl.abs(s) < float("inf")) & (tl.abs(rho) < float("inf"))
+    else:
+        finite = tl.abs(s) < float("inf")
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         if MATRIX:
@@ -75,7 +78,7 @@ def dequantize_kernel(
             smat = tl.load(smat_ptr + mcols[:, None] * BLOCK_D + cc[None, :])
             x += tl.dot(z, smat, input_precision=DOT_PRECISION) * rho[:, None]
         out = out_ptr + rows64[:, None] * d + cc[None, :]
-        if OUT_MAX > 0:  # finite values past the output dtype's largest saturate to it (NaN and Inf stay)
-            x = tl.where((x > OUT_MAX) & (x < float("inf")), OUT_MAX, x)
-            x = tl.where((x < -OUT_MAX) & (x > float("-inf")), -OUT_MAX, x)
+        # a row with finite norms saturates at +-OUT_MAX (it may round past it, or overflow); others keep NaN/Inf
+        x = tl.where(finite[:, None] & (x > OUT_MAX), OUT_MAX, x)
+        x = tl.where(finite[:, None] & (x < -OUT_MAX), -OUT_MAX, x)
         tl.store(out, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cc < d)[None, :])

@@ -67,7 +67,10 @@ class TensorArrays:
         return bool(torch.isfinite(x).all())
 
     def integers(self, name: str, value: object, like: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+        try:
+            t = torch.as_tensor(value) if not isinstance(value, torch.Tensor) else value
+        except (TypeError, ValueError, RuntimeError) as error:
+            checks.refuse_integers(name, value, error)
         checks.check_integer(name, _is_integer(t.dtype), dtype_name(t.dtype))
         if t.dtype not in (torch.int32, torch.int64):  # unsigned dtypes past uint8 also lack comparisons in torch
             wide = t.to(torch.int64)

@@ -496,18 +496,22 @@ def _dequantize_rows(rows: dict[str, torch.Tensor], dp: DeviceParams, spec) -> t
 
 
 def _dequantize(code: Compressed, params: QuantParams, dtype: torch.dtype, compute: torch.dtype) -> torch.Tensor:
-    """``(n, d)`` reconstructions in ``dtype``, computed chunk by chunk in ``compute``; finite values past a
-    narrower ``dtype``'s largest finite value saturate to it (a float16 reconstruction may exceed 65504 where
-    its input did not), NaN and Inf stay."""
+    """``(n, d)`` reconstructions in ``dtype``, computed chunk by chunk in ``compute``. The values of rows with
+    finite norms saturate at ``dtype``'s largest finite value (a float16 reconstruction may exceed 65504 where
+    its input did not, and one whose norm is near the float32 maximum may overflow float32); rows with NaN or
+    Inf norms keep their NaN and Inf."""
     spec = params.spec
     dp = device_params(params, code.codes.device, compute)
     rows = _flat_fields(code)
     out = torch.empty(rows["codes"].shape[0], spec.dim, dtype=dtype, device=code.codes.device)
-    top = torch.finfo(dtype).max if dtype != compute else None
+    top = torch.finfo(dtype).max
 
     def chunk_values(chunk):
         x = _dequantize_rows(chunk, dp, spec)
-        return x if top is None else torch.where(torch.isfinite(x), x.clamp(-top, top), x)
+        finite = torch.isfinite(chunk["norms"])
+        if spec.qjl:
+            finite &= torch.isfinite(chunk["residual_norms"])
+        return torch.where(finite[:, None], x.clamp(-top, top), x)
 
     return _in_chunks(rows, spec.dim, chunk_values, out)
 

@@ -22,15 +22,26 @@ def test_cpu_speed_prints_one_table_per_thread_count():
     assert done.stdout.count("| quantize | torch rotor |") == 2 and done.stdout.count("rotor / dense") == 4
 
 
-def test_decoder_sweeps_cover_stages_windows_and_calibration():
+def test_decoder_sweeps_cover_stages_windows_calibration_and_boundary_layers():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
         import decoder_sweeps
     finally:
         sys.path.pop(0)
-    labels = [label for label, _ in decoder_sweeps.variants(64)]
-    assert len(labels) == 2 * (5 + 2 + 2)  # per preset: 1..5 stages at d = 64, two windows, two calibrations
-    assert "rotor K4V2, 4 stages" in labels and "rotor K3V3, last 16 tokens exact" in labels
+    variants = dict(decoder_sweeps.variants(64))
+    assert len(variants) == 2 * (5 + 2 + 2 + 1)  # per preset: 1..5 stages at d = 64, 2 windows, 2 calibrations, boundary
+    assert "rotor K4V2, 4 stages" in variants and "rotor K3V3, last 16 tokens exact" in variants
+    import torch
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=6, hidden_size=64, num_attention_heads=2, num_key_value_heads=1)
+    cache = decoder_sweeps.make_cache(config, variants["rotor K4V2, first and last 2 layers exact"])
+    k, v = torch.randn(2, 1, 5, 32), torch.randn(2, 1, 5, 32)
+    for layer in range(6):
+        cache.update(k, v, layer)
+    exact = [i for i, layer in enumerate(cache.layers) if type(layer).__name__ == "DynamicLayer"]
+    compressed = 2 * 5 * (cache.plans[2].key_spec.bytes_per_vector + cache.plans[2].value_spec.bytes_per_vector)
+    assert exact == [0, 1, 4, 5] and decoder_sweeps.held_bytes(cache) == 4 * 2 * k.numel() * 4 + 2 * compressed
 
 
 def test_vllm_generation_says_why_it_cannot_run_here():

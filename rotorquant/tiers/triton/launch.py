@@ -82,6 +82,19 @@ class LaunchConfig:
     multiprocessors: int | None = None
     int32_entries: int = 2**31 - 1
 
+    def __post_init__(self):
+        powers = ("quantize_block_n", "quantize_warps", "quantize_block_c", "attention_block_n", "attention_warps")
+        for name in powers + ("attention_stages", "programs_per_sm", "splits", "multiprocessors", "int32_entries"):
+            value = getattr(self, name)
+            optional = name.startswith("quantize") or name in ("splits", "multiprocessors")
+            if optional and value is None:
+                continue
+            low = 0 if name == "int32_entries" else 1
+            power = name in powers
+            if isinstance(value, bool) or not isinstance(value, int) or value < low or (power and value & (value - 1)):
+                kind = "a power of two" if power else f"an int >= {low}"
+                raise ValueError(f"LaunchConfig.{name}: expected {kind}{' or None' if optional else ''}, got {value!r}")
+
 
 DEFAULT = LaunchConfig()
 
@@ -101,10 +114,10 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def saturation(dtype: torch.dtype) -> float:
-    """The largest finite value of an output dtype narrower than the compute dtype, where a kernel saturates
-    finite results (a float16 reconstruction may exceed 65504 where its input did not); 0 for float32 and
-    float64, which hold any result of their own compute dtype."""
-    return float(torch.finfo(dtype).max) if dtype in (torch.float16, torch.bfloat16) else 0.0
+    """The largest finite value of an output dtype, where a kernel saturates the results of rows with finite
+    norms: a float16 reconstruction may exceed 65504 where its input did not, and one whose norm is near the
+    float32 maximum may overflow float32."""
+    return float(torch.finfo(dtype).max)
 
 
 def word_aligned(*packed: torch.Tensor) -> bool:
