@@ -8,7 +8,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from .format import PACKED_FIELDS, PAYLOAD_FIELDS, Compressed
+from .format import CODE_DTYPES, PACKED_FIELDS, PAYLOAD_FIELDS, Compressed
 from .params import QuantParams
 
 
@@ -72,6 +72,8 @@ def check_code(name: str, code: object, params: QuantParams, arrays) -> None:
         raise TypeError(f"{name}: expected a rotorquant.Compressed, got {type(code).__name__}")
     if code.spec != params.spec:
         raise ValueError(f"{name}: expected a code built for {params.spec}, got one built for {code.spec}")
+    if code.dtype not in CODE_DTYPES:
+        raise ValueError(f"{name}.dtype: expected one of {CODE_DTYPES}, got {code.dtype!r}")
     if code.calibration is not None:
         raise ValueError(
             f"{name}: expected a code made without a Calibration, got a calibrated one (dequantize and scores "

@@ -54,7 +54,7 @@ from safetensors import SafetensorError, TensorSpec, deserialize, serialize
 from .arrays import NUMPY
 from .calibration import Calibration
 from .checks import check_code
-from .format import PACKED_FIELDS, PAYLOAD_FIELDS, Compressed
+from .format import CODE_DTYPES, PACKED_FIELDS, PAYLOAD_FIELDS, Compressed
 from .params import build_params
 from .spec import QuantizerSpec
 
@@ -71,9 +71,6 @@ METADATA_KEYS = ("arrays", "content", "entries", "info", "sha256", "version")
 
 SAFETENSORS_DTYPES = {"uint8": "U8", "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64"}
 """Tensor dtypes a file may hold, by name, with their safetensors names."""
-
-CODE_DTYPES = ("float16", "bfloat16", "float32", "float64")
-"""Values of `Compressed.dtype` (the dtype of the vectors a code was made from)."""
 
 SINGLE = "code"
 """The key of the one code of a ``"code"`` file."""
@@ -372,6 +369,7 @@ def _entry(key: str, entry, tensors: dict, convert, fail) -> tuple[Compressed, s
         check_code("code", code, build_params(spec), NUMPY)
     except (TypeError, ValueError) as exc:
         raise fail(f"{where}: the payload does not fit its spec: {exc}") from None
+    _check_stream_form(where, host, spec, fail)
     calibration = None
     if cal_info is not None:
         stats = [_numpy(*tensors[f"{key}/calibration.{c}"], fail, f"{key}/calibration.{c}") for c in cal_names]
@@ -381,6 +379,21 @@ def _entry(key: str, entry, tensors: dict, convert, fail) -> tuple[Compressed, s
             raise fail(f"{where}: calibration: {exc}") from None
     arrays = {f: convert(*tensors[f"{key}/{f}"], fail, f"{key}/{f}") for f in wanted}
     return dataclasses.replace(code, calibration=calibration, **arrays), used
+
+
+def _check_stream_form(where: str, host: dict[str, np.ndarray], spec: QuantizerSpec, fail) -> None:
+    """What `quantize` writes and nothing else: the unused high bits of each packed row's last byte are zero
+    (``docs/format.md``), and no norm is negative (NaN and +Inf, which unchecked calls store, pass)."""
+    streams = {"codes": spec.dim * spec.mse_bits}
+    if spec.qjl:
+        streams["qjl_signs"] = spec.qjl_dim
+    for field, bits in streams.items():
+        rows = host[field]
+        if bits % 8 and rows.size and (rows[..., -1] >> (bits % 8)).any():
+            raise fail(f"{where}: expected the unused high bits of each {field} row's last byte to be zero")
+    for field in ("norms", "residual_norms") if spec.qjl else ("norms",):
+        if (host[field] < 0).any():
+            raise fail(f"{where}: expected {field} >= 0, got a negative one")
 
 
 _NUMPY_DTYPES = {"U8": "<u1", "F16": "<f2", "F32": "<f4", "F64": "<f8"}
@@ -423,6 +436,8 @@ def _torch_device(torch, device):
         torch.empty(0, device=target)
     except (RuntimeError, AssertionError, TypeError) as error:
         raise ValueError(f"device: expected a torch device available here (such as 'cpu'), got {device!r}: {error}") from None
+    if target.type == "meta":
+        raise ValueError(f"device: expected a device that holds data, got {device!r} (meta tensors hold none)")
     return target
 
 

@@ -53,6 +53,9 @@ PAYLOAD_FIELDS = ("codes", "norms", "qjl_signs", "residual_norms")
 PACKED_FIELDS = ("codes", "qjl_signs")
 """The payload fields that hold bit streams (uint8); the others hold norms in the spec's norm dtype."""
 
+CODE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""Values of `Compressed.dtype`: the dtype of the vectors a code was made from."""
+
 NORM_DTYPES = {NormDtype.FLOAT32: np.float32, NormDtype.FLOAT16: np.float16}
 """The NumPy dtype of each `rotorquant.NormDtype`."""
 

@@ -92,6 +92,16 @@ def test_every_payload_field_is_checked_for_its_dtype(tier, field):
         tier.module.dequantize(short, params)
 
 
+@pytest.mark.parametrize("dtype", ["int8", None, "", "float8"])
+def test_a_code_dtype_that_names_no_float_dtype_is_refused(tier, dtype):
+    params, code = _code(tier)
+    tampered = dataclasses.replace(code, dtype=dtype)
+    q = tier.array(np.ones((2, 16)), "float32")
+    for call in (lambda: tier.module.dequantize(tampered, params), lambda: tier.module.scores(q, tampered, params)):
+        with pytest.raises(ValueError, match=rf"^code\.dtype: expected one of \('float16', 'bfloat16', 'float32', 'float64'\), got {dtype!r}$"):
+            call()
+
+
 def test_fields_of_another_tier_or_of_no_array_are_named(tier):
     params, code = _code(tier)
     if tier.device is None:

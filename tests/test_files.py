@@ -245,9 +245,22 @@ def test_files_whose_metadata_does_not_fit_are_refused(tmp_path):
         ({**tensors, "code/norms": tensors["code/norms"][:2]}, metadata, r"code.norms: expected shape \(3,\), got \(2,\)"),
         (tensors, {**metadata, "content": "cache"}, "expected a file of codes, got one holding a cache"),
         (tensors, {**metadata, "content": "weights"}, "expected content one of"),
+        ({**tensors, "code/codes": tensors["code/codes"] | np.uint8(0x80) * (np.arange(14) == 13)}, metadata,
+         "expected the unused high bits of each codes row's last byte to be zero"),
+        ({**tensors, "code/norms": -tensors["code/norms"]}, metadata, "expected norms >= 0, got a negative one"),
     ]
     for t, m, message in cases:
         _craft(bad, t, m)
+        with pytest.raises(ValueError, match=message):
+            rq.load(bad)
+    rq.save(good, rq.Quantizer(SPECS["qjl-fp16"]).quantize(_x((3,), 20)))  # 20 signs: 4 unused bits per row
+    tensors, metadata = _parts(good)
+    signs, residual = tensors["code/qjl_signs"].copy(), tensors["code/residual_norms"].copy()
+    signs[1, -1] |= 0x10
+    residual[2] = -np.inf
+    for t, message in [({**tensors, "code/qjl_signs": signs}, "qjl_signs row's last byte to be zero"),
+                       ({**tensors, "code/residual_norms": residual}, "expected residual_norms >= 0")]:  # fmt: skip
+        _craft(bad, t, metadata)
         with pytest.raises(ValueError, match=message):
             rq.load(bad)
 
@@ -305,6 +318,8 @@ def test_bad_arguments(tmp_path):
     for device in ("nonsense", 3.5) + (() if torch.cuda.is_available() else ("cuda:0",)):
         with pytest.raises(ValueError, match=rf"device: expected a torch device available here \(such as 'cpu'\), got {device!r}"):
             rq.load(path, device=device)
+    with pytest.raises(ValueError, match=r"device: expected a device that holds data, got 'meta'"):
+        rq.load(path, device="meta")
 
 
 def test_a_zero_dimensional_array_keeps_its_shape_on_the_host():

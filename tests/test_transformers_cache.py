@@ -441,6 +441,50 @@ def test_load_refuses_other_files_and_other_configs(tmp_path):
         RotorQuantCache.load(path, MODEL.config, device="nonsense")
 
 
+def test_load_refuses_cache_files_whose_saved_state_does_not_fit_their_tensors(tmp_path):
+    """Files with a valid hash around a tampered layer state: every saved tensor must be used, and every layer
+    state must be one the cache could have written (they loaded with layers silently dropped)."""
+    from test_files import _craft, _parts
+
+    path = tmp_path / "cache.safetensors"
+    cache = RotorQuantCache(MODEL.config, residual_length=2)
+    forward(MODEL, cache, TOKENS[:, :PROMPT])
+    cache.save(path)
+    tensors, metadata = _parts(path)
+    layers = metadata["info"]["layers"]
+
+    def with_layers(states):
+        return {**metadata, "info": {**metadata["info"], "layers": states}}
+
+    def with_state(i, **changes):
+        return with_layers([{**s, **changes} if j == i else s for j, s in enumerate(layers)])
+
+    window = "layers.1.window.keys"
+    cases = [
+        (tensors, with_layers(layers[:1]), "expected the states of 2 layers, got 1 entries"),
+        (tensors, with_layers({}), "expected the states of 2 layers, got dict"),
+        (tensors, with_layers([layers[0], list(layers[1])]), r"layers.1: expected a state with fields .*, got list"),
+        (tensors, with_layers([layers[0], {k: v for k, v in layers[1].items() if k != "record_past"}]),
+         r"layers.1: expected a state with fields \['cumulative_length', 'fitted_length', 'initialized', 'record_past'\]"),
+        (tensors, with_state(1, initialized=False), r"layers.1: the saved state .* does not match its tensors"),
+        (tensors, with_state(1, initialized=False, cumulative_length=0), r"expected only tensors of the saved layers, got unused ones: \['layers.1.keys', 'layers.1.values'"),
+        (tensors, with_state(0, cumulative_length="5"), r"layers.0.cumulative_length: expected an int >= 0, got '5'"),
+        (tensors, with_state(0, cumulative_length=float(PROMPT)), rf"layers.0.cumulative_length: expected an int >= 0, got {float(PROMPT)}"),
+        (tensors, with_state(0, record_past=1), "layers.0.record_past: expected a bool, got 1"),
+        ({**tensors, window: tensors[window].astype(np.float16)}, metadata, "layers.1: expected key and value windows of one floating dtype"),
+        ({**tensors, "layers.1.window.keys": tensors[window].astype(np.float16),
+          "layers.1.window.values": tensors["layers.1.window.values"].astype(np.float16)}, metadata,
+         "layers.1: codes of vectors of dtype float32 do not fit windows of torch.float16"),
+    ]  # fmt: skip
+    bad = tmp_path / "bad.safetensors"
+    for t, m, message in cases:
+        _craft(bad, t, m)
+        with pytest.raises(ValueError, match=f"^{bad}: {message}"):
+            RotorQuantCache.load(bad, MODEL.config)
+    _craft(bad, tensors, metadata)
+    assert RotorQuantCache.load(bad, MODEL.config).get_seq_length() == PROMPT
+
+
 def test_bad_arguments():
     config = MODEL.config
     with pytest.raises(ValueError, match="residual_length: expected an int >= 0, got -1"):
@@ -460,6 +504,33 @@ def test_bad_arguments():
             RotorQuantCache(config).crop(count)
     with pytest.raises(ValueError, match="kind: expected None or one of"):
         RotorQuantCache(config).nbytes("sliding")
+
+
+@pytest.mark.parametrize("residual_length", [0, 4])
+def test_update_refuses_states_that_do_not_fit_the_layer(residual_length):
+    """Keys and values of another shape than each other, the specs or what the layer holds are refused before
+    anything is stored (they were concatenated into a corrupt cache, or failed inside torch)."""
+    cache = RotorQuantCache(MODEL.config, residual_length=residual_length)
+
+    def states(batch=2, heads=2, tokens=3, dim=32, dtype=torch.float32):
+        return torch.randn(batch, heads, tokens, dim, dtype=dtype)
+
+    with pytest.raises(ValueError, match=r"^key_states: expected shape \(batch, kv_heads, tokens, 32\), got \(2, 2, 3, 16\)"):
+        cache.update(states(dim=16), states(dim=16), 0)
+    with pytest.raises(ValueError, match=r"^value_states: expected the shape of key_states \(2, 2, 3, 32\), got \(2, 1, 3, 32\)"):
+        cache.update(states(), states(heads=1), 0)
+    with pytest.raises(TypeError, match="^value_states: expected a floating-point torch.Tensor, got ndarray"):
+        cache.update(states(), states().numpy(), 0)
+    assert cache.get_seq_length() == 0
+    cache.update(states(tokens=6), states(tokens=6), 0)
+    with pytest.raises(ValueError, match=r"^value_states: expected the shape of key_states \(2, 2, 2, 32\), got \(2, 2, 1, 32\)"):
+        cache.update(states(tokens=2), states(tokens=1), 0)
+    with pytest.raises(ValueError, match=r"^key_states, value_states: expected \(batch, kv_heads\) \(2, 2\), dtype torch.float32"):
+        cache.update(states(batch=3), states(batch=3), 0)
+    with pytest.raises(ValueError, match=r"got \(2, 2\), torch.float64/torch.float64"):
+        cache.update(states(dtype=torch.float64), states(dtype=torch.float64), 0)
+    layer = cache.layers[0]
+    assert cache.get_seq_length() == layer.code_length + layer.window_length == 6
 
 
 @pytest.mark.parametrize(

@@ -161,9 +161,18 @@ def test_paged_codes_and_tier_for_name_bad_arguments(plugin):
         plugin.paged_codes(strided, layout, torch.bfloat16)
     with pytest.raises(ValueError, match="^dtype: expected torch.float16, torch.bfloat16 or torch.float32"):
         plugin.paged_codes(pool, layout, torch.int8)
+    odd = torch.zeros(2, 3, 16, layout.slot_bytes + 1, dtype=torch.uint8)
+    for misaligned in (odd[..., : layout.slot_bytes], odd.view(-1)[1:].view(-1)[: pool.numel()].view(pool.shape)):
+        with pytest.raises(ValueError, match="^kv_cache: expected strides and a storage offset that are multiples of 4"):
+            plugin.paged_codes(misaligned, layout, torch.bfloat16)
+    with pytest.raises(TypeError, match="^layout: expected a SlotLayout"):
+        plugin.paged_codes(pool, "rotorquant_k4v2", torch.bfloat16)
     assert plugin.tier_for("cpu") is plugin.tier_for(torch.device("cpu")) is torch_tier
     with pytest.raises(ValueError, match="^device: expected one of"):
         plugin.tier_for("meta")
+    for device in ("nonsense", 3.5):
+        with pytest.raises(ValueError, match="^device: expected a torch device of a type among"):
+            plugin.tier_for(device)
 
 
 def test_version_gate(plugin, monkeypatch):

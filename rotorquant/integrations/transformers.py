@@ -162,6 +162,7 @@ class RotorQuantLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store ``(B, H, T, d)`` keys and values; return the ``(B, H, N + W + T, d)`` ones attention sees."""
+        self._check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.calibration == "prefill" and not self.fitted_length and key_states.shape[-2]:
@@ -181,6 +182,30 @@ class RotorQuantLayer(DynamicLayer):
             visible = self.held_limit + key_states.shape[-2]
             keys, values = keys[..., -visible:, :], values[..., -visible:, :]
         return keys, values
+
+    def _check_states(self, key_states, value_states) -> None:
+        """Keys and values of one shape ``(B, H, T, d)``, ``d`` the specs' dimension; after the first call, the
+        held batch, heads, dtype and device."""
+        dim = self.key_quantizer.spec.dim
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                got = f"{t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name}: expected a floating-point torch.Tensor, got {got}")
+            if t.ndim != 4 or t.shape[-1] != dim:
+                raise ValueError(f"{name}: expected shape (batch, kv_heads, tokens, {dim}), got {tuple(t.shape)}")
+        if key_states.shape != value_states.shape:
+            raise ValueError(
+                f"value_states: expected the shape of key_states {tuple(key_states.shape)}, got {tuple(value_states.shape)}"
+            )
+        if self.is_initialized:
+            held = (tuple(self.keys.shape[:2]), self.keys.dtype, self.keys.device)
+            got = (tuple(key_states.shape[:2]), key_states.dtype, key_states.device)
+            if got != held or value_states.dtype != held[1] or value_states.device != held[2]:
+                raise ValueError(
+                    f"key_states, value_states: expected (batch, kv_heads) {held[0]}, dtype {held[1]} and device "
+                    f"{held[2]}, as this layer holds, got {got[0]}, {key_states.dtype}/{value_states.dtype} and "
+                    f"{key_states.device}/{value_states.device}"
+                )
 
     def _restrict(self) -> None:
         """Drop the oldest tokens past ``held_limit``, then compress the window's tokens past ``residual_length``
@@ -352,14 +377,20 @@ class RotorQuantLayer(DynamicLayer):
         codes = [found.entries.get(f"{prefix}.{side}") for side in ("keys", "values")]
         specs = (self.key_quantizer.spec, self.value_quantizer.spec)
         dim = specs[0].dim
-        if keys is None or values is None or keys.ndim != 4 or keys.shape != values.shape or keys.shape[-1] != dim:
+        if (keys is None or values is None or keys.ndim != 4 or keys.shape != values.shape or keys.shape[-1] != dim
+                or keys.dtype != values.dtype or not keys.is_floating_point()):
             got = [None if a is None else tuple(a.shape) for a in (keys, values)]
-            raise fail(f"{prefix}: expected key and value windows of shape (batch, heads, tokens, {dim}), got {got}")
+            raise fail(
+                f"{prefix}: expected key and value windows of one floating dtype and shape (batch, heads, tokens, {dim}), "
+                f"got {got} of {[None if a is None else a.dtype for a in (keys, values)]}"
+            )
         for code, spec in zip(codes, specs):
             if (code is None) != (codes[0] is None) or (code is not None and code.spec != spec):
                 raise fail(f"{prefix}: expected key and value codes made with {specs}, got {codes}")
             if code is not None and code.shape[:2] != tuple(keys.shape[:2]):
                 raise fail(f"{prefix}: codes of leading shape {code.shape} do not fit windows {tuple(keys.shape)}")
+            if code is not None and code.dtype != str(keys.dtype).removeprefix("torch."):
+                raise fail(f"{prefix}: codes of vectors of dtype {code.dtype} do not fit windows of {keys.dtype}")
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
         self.key_code, self.value_code = codes
@@ -683,8 +714,22 @@ class RotorQuantCache(Cache):
                 f"the file holds a cache of {len(saved)} layers and config gives {len(ours)}; layer {diff} differs: "
                 f"saved {saved[diff] if diff < len(saved) else None}, config {ours[diff] if diff < len(ours) else None}"
             )
-        for i, (layer, state) in enumerate(zip(cache.layers, info["layers"])):
-            layer._restore(f"layers.{i}", found, state, fail)
+        states = info["layers"]
+        if not isinstance(states, list) or len(states) != len(cache.layers):
+            raise fail(f"expected the states of {len(cache.layers)} layers, got {_describe(states)}")
+        used_entries, used_arrays = set(), set()
+        for i, (layer, state) in enumerate(zip(cache.layers, states)):
+            prefix = f"layers.{i}"
+            _check_layer_state(prefix, state, fail)
+            layer._restore(prefix, found, state, fail)
+            entries, arrays, restored = layer._state(prefix)
+            if restored != state:
+                raise fail(f"{prefix}: the saved state {state} does not match its tensors (restored {restored})")
+            used_entries |= set(entries)
+            used_arrays |= set(arrays)
+        unused = sorted((set(found.entries) - used_entries) | (set(found.arrays) - used_arrays))
+        if unused:
+            raise fail(f"expected only tensors of the saved layers, got unused ones: {unused}")
         return cache
 
     def __repr__(self) -> str:
@@ -697,6 +742,26 @@ class RotorQuantCache(Cache):
             for kind, (plan, count) in kinds.items()
         ]
         return f"RotorQuantCache({'; '.join(parts)}; calibration={self.options['calibration']!r})"
+
+
+LAYER_STATE = {"initialized": bool, "cumulative_length": int, "fitted_length": int, "record_past": bool}
+"""The fields of one layer's saved state (`RotorQuantLayer._state`) and their types."""
+
+
+def _describe(value) -> str:
+    return f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+
+
+def _check_layer_state(prefix: str, state, fail: Callable[[str], ValueError]) -> None:
+    """A saved layer state is a dict of exactly `LAYER_STATE`'s fields, of their types (lengths ints >= 0)."""
+    if not isinstance(state, dict) or sorted(state) != sorted(LAYER_STATE):
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise fail(f"{prefix}: expected a state with fields {sorted(LAYER_STATE)}, got {got}")
+    for field, kind in LAYER_STATE.items():
+        value = state[field]
+        exact = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not exact or (kind is int and value < 0):
+            raise fail(f"{prefix}.{field}: expected {'a bool' if kind is bool else 'an int >= 0'}, got {value!r}")
 
 
 def _plan_fields(plan: LayerPlan) -> dict:

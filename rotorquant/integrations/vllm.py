@@ -100,11 +100,14 @@ def slot_layout(cache_dtype: str, head_size: int) -> SlotLayout:
 
 
 def paged_codes(kv_cache, layout: SlotLayout, dtype) -> tuple[rq.Compressed, rq.Compressed]:
-    """The K and V codes of a packed cache ``kv_cache`` (uint8 ``(num_blocks, Hkv, page, slot_bytes)``,
-    any strides with unit last stride) as `rotorquant.Compressed` views of leading shape
-    ``(num_blocks, Hkv, page)``; ``dtype``: the torch dtype the model's keys and values have."""
+    """The K and V codes of a packed cache ``kv_cache`` (uint8 ``(num_blocks, Hkv, page, slot_bytes)``, a
+    unit last stride, the other strides and the storage offset multiples of 4 so that the float32 norms are
+    aligned) as `rotorquant.Compressed` views of leading shape ``(num_blocks, Hkv, page)``; ``dtype``: the
+    torch dtype the model's keys and values have."""
     import torch
 
+    if not isinstance(layout, SlotLayout):
+        raise TypeError(f"layout: expected a SlotLayout (slot_layout(cache_dtype, head_size)), got {type(layout).__name__}")
     if not isinstance(kv_cache, torch.Tensor):
         raise TypeError(f"kv_cache: expected a torch.Tensor, got {type(kv_cache).__name__}")
     if kv_cache.dtype != torch.uint8 or kv_cache.ndim != 4 or kv_cache.shape[-1] != layout.slot_bytes:
@@ -114,6 +117,11 @@ def paged_codes(kv_cache, layout: SlotLayout, dtype) -> tuple[rq.Compressed, rq.
         )
     if kv_cache.stride(-1) != 1:
         raise ValueError(f"kv_cache: expected a unit last stride (each slot's bytes contiguous), got strides {kv_cache.stride()}")
+    if any(st % 4 for st in kv_cache.stride()[:-1]) or kv_cache.storage_offset() % 4:
+        raise ValueError(
+            f"kv_cache: expected strides and a storage offset that are multiples of 4 bytes (float32 norms), got "
+            f"strides {kv_cache.stride()} and offset {kv_cache.storage_offset()}"
+        )
     name = str(dtype).removeprefix("torch.")
     if name not in ("float16", "bfloat16", "float32"):
         raise ValueError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32 (the model's), got {dtype!r}")
@@ -151,7 +159,10 @@ def tier_for(device):
     name, `TIERS`)."""
     import torch
 
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: expected a torch device of a type among {sorted(TIERS)}, got {device!r}: {error}") from None
     if device.type not in TIERS:
         raise ValueError(f"device: expected one of {sorted(TIERS)}, got {device.type!r}")
     return importlib.import_module(TIERS[device.type])
