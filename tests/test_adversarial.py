@@ -58,6 +58,26 @@ def test_inputs_near_the_dtype_max_decode_to_finite_values(tier, dtype, big):
     assert np.isnan(to_numpy(tier.module.dequantize(bad, params))).all()
 
 
+def test_attention_over_values_near_the_float16_max_saturates(tier):
+    """Attention outputs average the values, so the exact ones stay within the query dtype's range; values
+    reconstructed past it (as in the test above) give a saturated output, never Inf."""
+    if tier.device is None:
+        pytest.skip("the numpy tier returns float64, which holds any output")
+    dtype, big = "float16", 65504.0
+    params = rq.build_params(rq.QuantizerSpec(dim=10, bits=3))
+    values = np.full((1, 1, 2, 10), big)
+    keys = np.ones((1, 1, 2, 10))
+    k_code = tier.module.quantize(tier.array(keys, dtype), params)
+    v_code = tier.module.quantize(tier.array(values, dtype), params)
+    q = tier.array(np.ones((1, 1, 1, 10)), dtype)
+    out = tier.module.attention(q, k_code, v_code, params, params)
+    top = float(torch.finfo(getattr(torch, dtype)).max)
+    want = np.clip(to_numpy(tier.module.dequantize(v_code, params)).astype(np.float64).mean(axis=-2), -top, top)
+    got = to_numpy(out)[0, 0, 0]
+    assert np.isfinite(got).all() and np.abs(got).max() <= top and (np.abs(want) == top).any()
+    np.testing.assert_allclose(got, want[0, 0], rtol=1e-2)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # the interpreter overflows, as intended
 def test_a_norm_at_the_float32_max_decodes_to_finite_values(tier):
     """Each 4-bit code of ``e_0`` pushed to the extreme level of its sign makes ``(Rot^T c[k])_0 ~ 2`` (> 1),

@@ -406,6 +406,7 @@ def attention_combine_kernel(
     BLOCK_DV: tl.constexpr,  # power of two >= max(dv, 16)
     BLOCK_C: tl.constexpr,  # output coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_DV
     BLOCK_MV: tl.constexpr,  # power of two >= max(mv, 16)
+    OUT_MAX: tl.constexpr,  # the query dtype's largest finite value, where finite outputs saturate
 ):
     mx_ptr, l_ptr, acc_ptr, accq_ptr = partials
     bh = tl.program_id(0).to(tl.int64)
@@ -438,5 +439,8 @@ def attention_combine_kernel(
         x = tl.dot(y, tl.load(rot_ptr + cols[:, None] * BLOCK_DV + cc[None, :]), input_precision=DOT_PRECISION)
         if V_QJL:
             x += tl.dot(yq, tl.load(smat_ptr + mcols[:, None] * BLOCK_DV + cc[None, :]), input_precision=DOT_PRECISION)
+        # a finite output past the query dtype's range (values reconstructed past it) saturates; NaN and Inf stay
+        x = tl.where((x > OUT_MAX) & (x < float("inf")), OUT_MAX, x)
+        x = tl.where((x < -OUT_MAX) & (x > float("-inf")), -OUT_MAX, x)
         out = out_ptr + (bh * R + rows)[:, None] * dv + cc[None, :]
         tl.store(out, x.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (cc < dv)[None, :])

@@ -581,7 +581,9 @@ def masked_attention(q, k_code, v_code, k_params, v_params, scale: float, visibl
     keep = torch.arange(s.shape[-1], device=s.device) < visible[:, None, :, None]
     p = torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1)
     v = _dequantize(v_code, v_params, s.dtype, s.dtype)
-    return (p @ v.view(*v_code.shape, v_params.spec.dim)).to(q.dtype)
+    out = p @ v.view(*v_code.shape, v_params.spec.dim)
+    top = torch.finfo(q.dtype).max  # a finite output past q's range (values reconstructed past it) saturates
+    return torch.where(out.isfinite(), out.clamp(-top, top), out).to(q.dtype)
 
 
 def attention(

@@ -405,6 +405,6 @@ def attention(
         (mx, denom, acc, accq), tv.rmat, tv.smat if vspec.qjl else tv.rmat, out, lengths,
         kv_heads=kv_heads, N=kv_len, least=max(q_len, 1) if causal else 1, R=rows, dv=vspec.dim, splits=splits,
         V_QJL=vspec.qjl, **kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DV=tv.block_d, BLOCK_C=block_c,
-        BLOCK_MV=tv.block_m, num_warps=WARPS, **_FUSED,
+        BLOCK_MV=tv.block_m, OUT_MAX=saturation(q.dtype), num_warps=WARPS, **_FUSED,
     )  # fmt: skip
     return out.to(q.dtype).reshape(batch, q.shape[1], q_len, vspec.dim)
