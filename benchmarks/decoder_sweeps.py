@@ -47,7 +47,7 @@ def make_cache(config, options: dict) -> RotorQuantCache:
     options = dict(options)
     exact = options.pop("exact_boundary_layers", 0)
     cache = RotorQuantCache(config, tier="torch", **options)
-    for i in boundary_layers(config.num_hidden_layers, exact) if exact else ():
+    for i in boundary_layers(config.num_hidden_layers, exact):
         cache.layers[int(i)] = DynamicLayer()
     return cache
 

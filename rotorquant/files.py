@@ -418,7 +418,7 @@ def _converter(like, device):
 
     if like is not None and not isinstance(like, torch.Tensor):
         raise TypeError(f"like: expected None, a numpy.ndarray or a torch.Tensor, got {type(like).__name__}")
-    target = _torch_device(torch, device) if device is not None else like.device
+    target = _torch_device(device) if device is not None else like.device
 
     def to_torch(dtype, shape, data, fail, name):
         if dtype == "BF16":
@@ -429,8 +429,10 @@ def _converter(like, device):
     return to_torch
 
 
-def _torch_device(torch, device):
+def _torch_device(device):
     """``device`` as a `torch.device` that can hold tensors here, or a `ValueError` naming it."""
+    import torch
+
     try:
         target = torch.device(device)
         torch.empty(0, device=target)

@@ -62,6 +62,7 @@ from ..presets import DEFAULT_PRESET, packing_for
 from ..presets import preset as named_preset
 from ..quantizer import Quantizer, Tier
 from ..spec import QuantizerSpec
+from ..tiers.tensors import dtype_name
 
 __all__ = ["KINDS", "LayerPlan", "RotorQuantCache", "RotorQuantLayer", "RotorQuantSlidingLayer", "plan_layers"]
 
@@ -389,7 +390,7 @@ class RotorQuantLayer(DynamicLayer):
                 raise fail(f"{prefix}: expected key and value codes made with {specs}, got {codes}")
             if code is not None and code.shape[:2] != tuple(keys.shape[:2]):
                 raise fail(f"{prefix}: codes of leading shape {code.shape} do not fit windows {tuple(keys.shape)}")
-            if code is not None and code.dtype != str(keys.dtype).removeprefix("torch."):
+            if code is not None and code.dtype != dtype_name(keys.dtype):
                 raise fail(f"{prefix}: codes of vectors of dtype {code.dtype} do not fit windows of {keys.dtype}")
         self.lazy_initialization(keys, values)
         self.keys, self.values = keys, values
@@ -716,7 +717,8 @@ class RotorQuantCache(Cache):
             )
         states = info["layers"]
         if not isinstance(states, list) or len(states) != len(cache.layers):
-            raise fail(f"expected the states of {len(cache.layers)} layers, got {_describe(states)}")
+            got = f"{len(states)} entries" if isinstance(states, list) else type(states).__name__
+            raise fail(f"expected the states of {len(cache.layers)} layers, got {got}")
         used_entries, used_arrays = set(), set()
         for i, (layer, state) in enumerate(zip(cache.layers, states)):
             prefix = f"layers.{i}"
@@ -746,10 +748,6 @@ class RotorQuantCache(Cache):
 
 LAYER_STATE = {"initialized": bool, "cumulative_length": int, "fitted_length": int, "record_past": bool}
 """The fields of one layer's saved state (`RotorQuantLayer._state`) and their types."""
-
-
-def _describe(value) -> str:
-    return f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
 
 
 def _check_layer_state(prefix: str, state, fail: Callable[[str], ValueError]) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import triton
@@ -83,17 +83,17 @@ class LaunchConfig:
     int32_entries: int = 2**31 - 1
 
     def __post_init__(self):
-        powers = ("quantize_block_n", "quantize_warps", "quantize_block_c", "attention_block_n", "attention_warps")
-        for name in powers + ("attention_stages", "programs_per_sm", "splits", "multiprocessors", "int32_entries"):
-            value = getattr(self, name)
-            optional = name.startswith("quantize") or name in ("splits", "multiprocessors")
-            if optional and value is None:
+        powers = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_block_n", "attention_warps"}
+        optional = {"quantize_block_n", "quantize_warps", "quantize_block_c", "splits", "multiprocessors"}
+        for f in fields(self):
+            name, value = f.name, getattr(self, f.name)
+            if name in optional and value is None:
                 continue
             low = 0 if name == "int32_entries" else 1
             power = name in powers
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (power and value & (value - 1)):
                 kind = "a power of two" if power else f"an int >= {low}"
-                raise ValueError(f"LaunchConfig.{name}: expected {kind}{' or None' if optional else ''}, got {value!r}")
+                raise ValueError(f"LaunchConfig.{name}: expected {kind}{' or None' if name in optional else ''}, got {value!r}")
 
 
 DEFAULT = LaunchConfig()
