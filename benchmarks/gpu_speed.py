@@ -155,27 +155,17 @@ def quantize_table(sizes: list[int], dim: int, bits: int) -> None:
 
 
 def quantize_sweep(n: int, dim: int, bits: int) -> None:
-    """GPU time of the rotor quantize kernel for each (vectors per program, warps)."""
+    """GPU time of the quantize kernel (the same for every rotation) for each (vectors per program, chunk,
+    warps); the first is the default at d = 128, the fewest sm_90 instructions per coordinate."""
     rotor = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="rotor"))
     x = torch.randn(n, dim, device=DEVICE, dtype=torch.float16)
-    print(f"\n## sweep: rotor quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
-    print("BLOCK_N | num_warps | GPU us")
-    for block_n, warps in ((8, 1), (16, 1), (16, 2), (16, 4), (16, 8), (32, 2), (32, 4), (32, 8), (64, 8)):
-        t = graph_us(lambda: launch.quantize(x, rotor, config=launch.LaunchConfig(quantize_block_n=block_n, quantize_warps=warps)), reps=7)
-        print(f"{block_n} | {warps} | {t:.1f}")  # nan: the configuration failed (reason printed above)
-
-
-def dense_quantize_sweep(n: int, dim: int, bits: int) -> None:
-    """GPU time of the dense (TurboQuant) quantize kernel for each (vectors per program, chunk, warps).
-    `benchmarks/sass_count.py`-style compiles for sm_90 show the default (32, 64, 8) spilling registers
-    and (32, 128, 8) or (16, 64, 8) not."""
-    dense = rq.build_params(rq.QuantizerSpec(dim=dim, bits=bits, rotation="dense"))
-    x = torch.randn(n, dim, device=DEVICE, dtype=torch.float16)
-    print(f"\n## sweep: dense quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
+    print(f"\n## sweep: quantize launch configurations, n={n}, d={dim}, {bits} bits (GPU us, graph)")
     print("BLOCK_N | BLOCK_C | num_warps | GPU us")
-    for block_n, block_c, warps in ((32, 64, 8), (32, 128, 8), (16, 64, 8), (16, 64, 4), (16, 32, 4)):
-        run = functools.partial(launch.quantize, x, dense, config=launch.LaunchConfig(quantize_block_n=block_n, quantize_warps=warps, quantize_block_c=block_c))
-        print(f"{block_n} | {block_c} | {warps} | {graph_us(run, reps=7):.1f}")
+    for block_n, block_c, warps in ((64, 64, 4), (64, 128, 4), (64, 64, 8), (128, 64, 4), (128, 64, 8),
+                                    (32, 64, 4), (32, 64, 8), (16, 64, 4)):  # fmt: skip
+        config = launch.LaunchConfig(quantize_block_n=block_n, quantize_warps=warps, quantize_block_c=block_c)
+        t = graph_us(functools.partial(launch.quantize, x, rotor, config=config), reps=7)
+        print(f"{block_n} | {block_c} | {warps} | {t:.1f}")  # nan: the configuration failed (reason printed above)
 
 
 def _sdpa(q, k, v):
@@ -324,7 +314,6 @@ def main() -> None:
     append_table(args.steps, kv_heads=8, dim=128, bits=3)
     if args.sweep:
         quantize_sweep(16384, dim=128, bits=3)
-        dense_quantize_sweep(16384, dim=128, bits=3)
         attention_sweep(max(args.contexts), batch=8, q_heads=32, kv_heads=8, dim=128, bits=3)
 
 

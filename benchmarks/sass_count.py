@@ -125,12 +125,11 @@ def record_attention(bits: int, dim: int = 128, packing: str = "contiguous") -> 
     return kernels["attention_split_kernel"].launches[0]
 
 
-def record_quantize(rotation: str, into: bool = False, packing: str = "contiguous", stages: int | None = None) -> Launch:
-    """`quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits, codes in ``packing`` (``stages``:
-    the rotor butterfly's, None for its default; 1 is the kernel's block path); ``into``:
+def record_quantize(rotation: str, into: bool = False, packing: str = "contiguous") -> Launch:
+    """`quantize_kernel`'s launch for 16384 float16 vectors, d = 128, 3 bits, codes in ``packing``; ``into``:
     the unchecked `quantize_into` of those vectors, as 2048 tokens x 8 KV heads, into a paged cache of
     16-token blocks stored the vLLM way, ``(num_blocks, page, Hkv)``, read as ``(num_blocks, Hkv, page)``."""
-    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation, packing=packing, stages=stages))
+    params = rq.build_params(rq.QuantizerSpec(dim=128, bits=3, rotation=rotation, packing=packing))
     spec = params.spec
     x = torch.zeros(16384, 128, dtype=torch.float16)
     with recording() as kernels:
@@ -190,10 +189,10 @@ def attention_per_code(bits: int, dim: int, packing: str = "contiguous") -> tupl
     return len(body) * warps * 32 / (2 * block_n * dim), launch, body
 
 
-def quantize_per_coordinate(rotation: str, into: bool = False, packing: str = "contiguous", stages=None) -> tuple:
+def quantize_per_coordinate(rotation: str, into: bool = False, packing: str = "contiguous") -> tuple:
     """``(per coordinate, launch, body)``: instructions per coordinate of the quantize kernel, ``instructions x
     threads / (BLOCK_N x 128)``."""
-    launch = record_quantize(rotation, into, packing, stages)
+    launch = record_quantize(rotation, into, packing)
     body = kernel_body(get_sass(compile_for_sm90(launch).asm["cubin"]))
     block_n, warps = _constexpr(launch, "BLOCK_N"), launch.options["num_warps"]
     return len(body) * warps * 32 / (block_n * 128), launch, body
@@ -213,12 +212,12 @@ def main() -> None:
                 print(f"sass: attention loop, bits={bits}, head_dim={dim}, packing={packing}: {per_code:.1f} "
                       f"instructions per code (BLOCK_N {_constexpr(launch, 'BLOCK_N')}, "
                       f"{launch.options['num_warps']} warps, {len(body)} loop instructions; {_common(body)})")  # fmt: skip
-    quantized = [(r.value, None, False, "contiguous") for r in Rotation]
-    quantized += [("rotor", 1, False, "contiguous"), ("rotor", None, True, "contiguous"), ("rotor", None, False, "interleaved")]
-    for rotation, stages, into, packing in quantized:
-        per_coord, launch, body = quantize_per_coordinate(rotation, into, packing, stages)
+    quantized = [(r.value, False, "contiguous") for r in Rotation]
+    quantized += [("rotor", True, "contiguous"), ("rotor", False, "interleaved")]
+    for rotation, into, packing in quantized:
+        per_coord, launch, body = quantize_per_coordinate(rotation, into, packing)
         name = "quantize into a paged cache" if into else "quantize"
-        layout = (", stages=1" if stages == 1 else "") + (", packing=interleaved" if packing == "interleaved" else "")
+        layout = ", packing=interleaved" if packing == "interleaved" else ""
         print(f"sass: {name}, bits=3, head_dim=128, rotation={rotation}{layout}: {per_coord:.1f} instructions per "
               f"coordinate ({_constexpr(launch, 'BLOCK_N')} vectors per program, {launch.options['num_warps']} "
               f"warps, {len(body)} instructions; {_common(body)})")  # fmt: skip

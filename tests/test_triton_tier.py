@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 from rotorquant.tiers import numpy as ref  # noqa: E402
 from rotorquant.tiers import triton as tt  # noqa: E402
 from rotorquant.tiers.triton import launch  # noqa: E402
+from rotorquant.tiers.triton.tables import split_rotation  # noqa: E402
 from tiers import split_attention as _split_attention  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -131,12 +132,31 @@ def test_cpu_tensor_without_interpreter_is_a_clear_error():
 # ---------------------------------------------------------------------------- quantize / dequantize
 
 
+@pytest.mark.parametrize("dim", [20, 64, 100, 256, 300])
+def test_split_rotation_holds_the_rotation_to_2_22(dim):
+    """Quantize's float16 table: ``(hi + lo) / 2**11`` is ``R^T`` zero-padded to within ``2**-22`` of its largest
+    entry, with columns 8x8-transposed in each block of 64 for padded widths 64 to 256."""
+    params = _spec(dim=dim, bits=3)
+    block = max(16, triton.next_power_of_2(dim))
+    table = split_rotation(params.rotation_matrix().T, block, torch.device("cpu"))
+    assert table.dtype == torch.float16 and table.shape == (2, block, block)
+    got = (table[0].double() + table[1].double()).numpy() / 2048
+    want = np.zeros((block, block))
+    want[:dim, :dim] = params.rotation_matrix().T
+    if 64 <= block <= 256:
+        j = np.arange(block)
+        want = want[:, (j // 64) * 64 + (j % 8) * 8 + (j % 64) // 8]
+    assert np.abs(got - want).max() <= 2.0**-22 * np.abs(want).max()
+    assert np.abs(table[0].double().numpy() / 2048 - want).max() > 2.0**-18 * np.abs(want).max()  # lo matters
+
+
 @triton.jit
 def _nearest_and_level_kernel(
     y_ptr,  # (n,) float32 coordinates
     bnd_ptr,  # (2**BITS - 1,) float32 boundaries
     cent_ptr,  # (2**BITS,) float32 centroids
-    code_ptr,  # (n,) int32 output: nearest_code(y)
+    code_ptr,  # (n,) int32 output: nearest_code's code of y
+    sq_ptr,  # (n,) float32 output: nearest_code's squared level
     level_ptr,  # (n,) float32 output: centroid_levels(code)
     n,  # number of coordinates
     BITS: tl.constexpr,  # bits per code
@@ -144,30 +164,40 @@ def _nearest_and_level_kernel(
 ):
     i = tl.arange(0, BLOCK)
     ok = i < n
-    code = nearest_code(tl.load(y_ptr + i, mask=ok, other=0.0), bnd_ptr, BITS)
+    code, sq = nearest_code(tl.load(y_ptr + i, mask=ok, other=0.0), bnd_ptr, cent_ptr, BITS, 1.0)
     tl.store(code_ptr + i, code, mask=ok)
+    tl.store(sq_ptr + i, sq, mask=ok)
     tl.store(level_ptr + i, centroid_levels(code, cent_ptr, BITS), mask=ok)
 
 
 @needs_kernels
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_nearest_code_ties_and_centroid_levels(bits):
-    """The kernels' code search and level lookup on their own: every boundary, the floats next to it, and
-    +-0 get ``#{i : y >= b[i]}`` (ties go up, as in the reference), and every code maps to its centroid."""
+    """The kernels' code search and level lookup on their own: every boundary, the floats next to it, +-0, NaN and
+    +-3 get ``#{i : y >= b[i]}`` (0 for NaN), except that a coordinate exactly on a negative boundary takes the lower code up to
+    4 bits (a tie: the search works on ``|y|``, so ties go to the level of larger magnitude on both sides); the
+    squared level is ``c[code]**2``, and every code maps to its centroid."""
     params = _spec(dim=16, bits=bits)
     b = params.boundaries.astype(np.float32)
-    y = np.concatenate([b, np.nextafter(b, -np.inf), np.nextafter(b, np.inf), [0.0, -0.0, -3.0, 3.0]])
+    y = np.concatenate([b, np.nextafter(b, -np.inf), np.nextafter(b, np.inf), [0.0, -0.0, -3.0, 3.0, np.nan]])
     y = y.astype(np.float32)
     n = y.size
     code = torch.empty(n, dtype=torch.int32, device=DEVICE)
+    sq = torch.empty(n, dtype=torch.float32, device=DEVICE)
     level = torch.empty(n, dtype=torch.float32, device=DEVICE)
     as_dev = lambda a: torch.tensor(a, dtype=torch.float32, device=DEVICE)  # noqa: E731
     _nearest_and_level_kernel[(1,)](
-        as_dev(y), as_dev(b), as_dev(params.centroids), code, level, n, BITS=bits, BLOCK=triton.next_power_of_2(n)
-    )
-    want = np.searchsorted(b, y, side="right")
+        as_dev(y), as_dev(b), as_dev(params.centroids), code, sq, level, n, BITS=bits,
+        BLOCK=triton.next_power_of_2(n),
+    )  # fmt: skip
+    want = np.searchsorted(b, y, side="right")  # #{i : y >= b[i]}
+    if bits <= 4:
+        want = np.where(y < 0, np.searchsorted(b, y, side="left"), want)
+    want[np.isnan(y)] = 0  # NaN >= b[i] is false for every i (searchsorted would sort NaN last)
     np.testing.assert_array_equal(_np(code).astype(int), want)
-    np.testing.assert_array_equal(_np(level), params.centroids.astype(np.float32)[want])
+    c = params.centroids.astype(np.float32)
+    np.testing.assert_array_equal(_np(sq), c[want] * c[want])
+    np.testing.assert_array_equal(_np(level), c[want])
 
 
 @triton.jit

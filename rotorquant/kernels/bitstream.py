@@ -178,6 +178,40 @@ def read_codes(
 
 
 @triton.jit
+def tile_coordinates(
+    WIDTH: tl.constexpr,  # columns in the tile (power of two; a multiple of 64 when TRANSPOSED)
+    TRANSPOSED: tl.constexpr,  # the columns of each 64-column block hold their coordinates 8x8-transposed
+):
+    """``(WIDTH,)`` int32: the coordinate, from the tile's first, that each column holds. ``TRANSPOSED``:
+    column ``j = 64b + 8g + c`` holds coordinate ``64b + 8c + g``, so the 8 coordinates of a packed group
+    ``8m .. 8m+7`` sit in columns ``8g + m`` (a stride of 8). A tensor-core product's result gives each
+    thread such a strided set of columns, so packing the group is arithmetic inside one thread."""
+    j = tl.arange(0, WIDTH)
+    if TRANSPOSED:
+        return (j // 64) * 64 + (j % 8) * 8 + (j % 64) // 8
+    else:
+        return j
+
+
+@triton.jit
+def group_words(
+    t,  # (ROWS, WIDTH) uint32 or uint64 fields, each below 2**SHIFT
+    SHIFT: tl.constexpr,  # bits per field
+    ROWS: tl.constexpr,  # rows in the tile
+    WIDTH: tl.constexpr,  # columns (a multiple of 8; of 64 when TRANSPOSED)
+    TRANSPOSED: tl.constexpr,  # the columns hold their coordinates as `tile_coordinates` says
+):
+    """``(ROWS, WIDTH // 8)``: for each group of 8 coordinates ``8m + n``, ``sum_n t[8m + n] << SHIFT * n`` (a
+    sum of disjoint bit fields, exact)."""
+    n = tl.arange(0, 8)
+    if TRANSPOSED:  # [row, block, n, m]: coordinate 64 * block + 8m + n
+        grouped = tl.reshape(t, (ROWS, WIDTH // 64, 8, 8)) << (SHIFT * n).to(t.dtype)[None, None, :, None]
+        return tl.reshape(tl.sum(grouped, axis=2), (ROWS, WIDTH // 8))
+    else:
+        return tl.sum(tl.reshape(t, (ROWS, WIDTH // 8, 8)) << (SHIFT * n).to(t.dtype)[None, None, :], axis=2)
+
+
+@triton.jit
 def store_codes(
     row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8)
     row_mask,  # (ROWS,) bool: which rows exist
@@ -187,11 +221,11 @@ def store_codes(
     BITS: tl.constexpr,  # bits per code, 1..8
     ROWS: tl.constexpr,  # rows in the tile
     WIDTH: tl.constexpr,  # codes per row in the tile (power of two >= 8)
+    TRANSPOSED: tl.constexpr = False,  # the columns hold their coordinates as `tile_coordinates` says
 ):
     """Pack ``codes`` and write their ``WIDTH * BITS / 8`` bytes at ``first_byte`` of each row."""
-    lane = tl.arange(0, 8)
-    grouped = tl.reshape(as_words(codes, BITS), (ROWS, WIDTH // 8, 8))
-    word = tl.sum(grouped << as_words(BITS * lane, BITS)[None, None, :], axis=2)  # (ROWS, WIDTH // 8)
+    word = group_words(as_words(codes, BITS), BITS, ROWS, WIDTH, TRANSPOSED)  # (ROWS, WIDTH // 8)
+    lane = tl.arange(0, triton.next_power_of_2(BITS))  # byte of the group's word
     raw = (word[:, :, None] >> as_words(8 * lane, BITS)[None, None, :]) & 255
     offs = first_byte + tl.arange(0, WIDTH // 8)[:, None] * BITS + lane[None, :]
     ok = (lane[None, :] < BITS) & (offs < n_bytes)
@@ -348,6 +382,7 @@ def store_interleaved(
     BITS: tl.constexpr,  # bits per code: 2, 3 or 4
     ROWS: tl.constexpr,  # rows in the tile
     WIDTH: tl.constexpr,  # codes per row in the tile (a multiple of 32)
+    TRANSPOSED: tl.constexpr = False,  # the columns hold their coordinates as `tile_coordinates` says
 ):
     """Write the tile's whole chunks in the interleaved packing. The 8 codes of group ``g`` of chunk ``c`` (4 bits:
     their magnitude indices) become the nibbles of one word ``N_g = sum_n G_g[n] << 4n`` (a sum of disjoint bit
@@ -363,8 +398,7 @@ def store_interleaved(
     top = k >> 3
     if BITS == 4:  # the magnitude index
         k = tl.where(top != 0, k - 8, 7 - k)
-    nibble = (4 * tl.arange(0, 8)).to(tl.uint32)
-    groups = tl.sum(tl.reshape(k, (ROWS, 4 * CT, 8)) << nibble[None, None, :], axis=2)
+    groups = group_words(k, 4, ROWS, WIDTH, TRANSPOSED)
     even, odd = tl.split(tl.reshape(groups, (ROWS, CT, 2, 2)))  # [.., g // 2, g % 2]
     n0, n2 = tl.split(even)
     n1, n3 = tl.split(odd)
@@ -378,7 +412,13 @@ def store_interleaved(
         _store_words(row_ptr, ok, n1 | ((n3 << 2) & 0x88888888), chunks + chunk)
         _store_words(row_ptr, ok, n2 | ((n3 << 1) & 0x88888888), 2 * chunks + chunk)
         if BITS == 4:
-            r = tl.arange(0, 32)
-            place = (8 * (r % 4) + r // 4).to(tl.uint32)
-            tops = tl.sum(tl.reshape(top, (ROWS, CT, 32)) << place[None, None, :], axis=2)
+            if TRANSPOSED:  # [row, block, g, half, c]: coordinate 64 * block + 32 * half + 8c + g
+                r = 8 * tl.arange(0, 4)[None, None, :] + tl.arange(0, 8)[:, None, None]  # (8, 1, 4) within the chunk
+                place = (8 * (r % 4) + r // 4).to(tl.uint32)
+                spread = tl.reshape(top, (ROWS, WIDTH // 64, 8, 2, 4)) << place[None, None, :, :, :]
+                tops = tl.reshape(tl.sum(tl.sum(spread, axis=4), axis=2), (ROWS, CT))
+            else:
+                r = tl.arange(0, 32)
+                place = (8 * (r % 4) + r // 4).to(tl.uint32)
+                tops = tl.sum(tl.reshape(top, (ROWS, CT, 32)) << place[None, None, :], axis=2)
             _store_words(row_ptr, ok, tops, 3 * chunks + chunk)

@@ -1,77 +1,111 @@
-"""Fused quantize: norm -> normalize -> rotate -> nearest centroid -> bit-pack (-> QJL sketch).
+"""Fused quantize: norm -> rotate -> nearest centroid -> bit-pack (-> QJL sketch).
 
-One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for float64 inputs). For a row ``x``:
+One program compresses ``BLOCK_N`` vectors; arithmetic is float32 (float64 for float64 inputs). For a row ``x``
+and the rotation's matrix ``R`` (every rotation, the rotor butterfly included, is one ``tl.dot``):
 
-    big = max_j |x_j|,  root = ||x / big||,  s = big * root         (no overflow in the squares)
-    u = (x / big) / root                                             (u = 0 for a zero vector)
-    (divisions are multiplications by per-row reciprocals; a row whose max is below 2**-64 is first
-    scaled by 2**64, exactly, so 1 / big stays finite for subnormals. float16 inputs skip ``big``:
-    s = ||x||, u = x / s, since their squares can neither overflow nor underflow float32)
-    y = Rot(u)            one rotor stage:  y_c = sum_i W[i, c] * u[3*(c//3) + i]   (3x3 blocks, O(d))
-                          any other rotation (the rotor butterfly, Hadamard, dense):
-                                            y = u @ R^T with its matrix          (tl.dot, O(d^2))
-    k_c = #{i : y_c >= boundaries[i]}       (binary search; boundaries picked by selects up to 4 bits)
-    stored norm = s, or s / ||c[k]|| with norm correction
-    QJL:  S r = s * (S Rot^T) (y - c[k]),  ||r|| = s * ||y - c[k]||   (the rotation is orthogonal)
+    float16 x:  s = sqrt((x x^T)_ii)          (a tensor-core Gram product: exact products, float32 sums)
+                y = x @ (2**11 R^T)           (x is an exact float16 operand; y = 2**11 s Rot(u), u = x / s)
+    other x:    big = max_j |x_j|,  root = ||x / big||,  s = big * root,  u = (x / big) / root
+                (no overflow in the squares; divisions are multiplications by per-row reciprocals, and a row
+                whose max is below 2**-64 is first scaled by 2**64, exactly, so 1 / big stays finite)
+                y = Rot(u) = u @ R^T
+    float32 compute multiplies on float16 tensor cores: R^T = hi + lo to about 2**-22 (`tables.split_rotation`),
+    x @ hi + x @ lo for float16 x, and u_hi @ hi + u_hi @ lo + u_lo @ hi with u = u_hi + u_lo otherwise
+    (float32-level accuracy: each product is exact, the dropped u_lo @ lo is below 2**-22). float64: one tl.dot.
+    k_c = #{i : y_c / unit >= b_i}    (unit = 2**11 s for float16 x, else 1: the boundaries are scaled per row;
+                                       a binary search on |y| over the upper half of the antisymmetric codebook)
+    stored norm = s, or s / ||c[k]|| with norm correction (c[k]**2 picked by the search's own selects)
+    QJL:  S r = s * (S Rot^T) (y / unit - c[k]),  ||r|| = s * ||y / unit - c[k]||   (the rotation is orthogonal)
 
-The coordinates are processed in chunks of ``BLOCK_C`` (a multiple of 8, so each chunk packs
-into whole bytes; of 32 for the interleaved packing, whose words hold 32 codes each). With ``SLOTS``
-the results go straight into a cache's fields at the entries ``slots`` names (`rotorquant.engine.slots`),
-norms rounded to the cache's norm dtype in the kernel.
+The coordinates are processed in chunks of ``BLOCK_C`` (a multiple of 8, so each chunk packs into whole bytes;
+of 32 for the interleaved packing, whose words hold 32 codes each; of 64 where the split table's columns are
+transposed, `rotorquant.kernels.bitstream.tile_coordinates`, so that each thread packs the codes it computed).
+With ``SLOTS`` the results go straight into a cache's fields at the entries ``slots`` names
+(`rotorquant.engine.slots`), norms rounded to the cache's norm dtype in the kernel.
 """
 
 import triton
 import triton.language as tl
 
-from .bitstream import store_codes, store_interleaved
+from .bitstream import store_codes, store_interleaved, tile_coordinates
 from .levels import centroid_levels
 
 
 @triton.jit
-def _boundary(
-    bnd_ptr,  # pointer to the ascending CDT boundaries
+def _at(
+    ptr,  # pointer to a small table
+    I: tl.constexpr,  # index, known when compiling
+    unit,  # (ROWS, 1) or scalar factor
+):
+    """``ptr[I] * unit``: a uniform load (the same address for every coordinate), so it stays in a register."""
+    return tl.load(ptr + I) * unit
+
+
+@triton.jit
+def _sq(
+    cent_ptr,  # pointer to the centroids
     I: tl.constexpr,  # index, known when compiling
 ):
-    """``b[I]``: a uniform load (the same address for every coordinate), so it stays in a register."""
-    return tl.load(bnd_ptr + I)
+    """``c[I]**2``, a uniform value."""
+    c = tl.load(cent_ptr + I)
+    return c * c
 
 
 @triton.jit
 def nearest_code(
-    y,  # (ROWS, COLS) float32 rotated coordinates
-    bnd_ptr,  # pointer to the 2**BITS - 1 ascending CDT boundaries b
+    y,  # (ROWS, COLS) float rotated coordinates
+    bnd_ptr,  # pointer to the 2**BITS - 1 ascending boundaries b (antisymmetric: b[2**BITS - 2 - i] = -b[i])
+    cent_ptr,  # pointer to the 2**BITS centroids c (antisymmetric: c[2**BITS - 1 - k] = -c[k])
     BITS: tl.constexpr,  # bits per code
+    unit,  # (ROWS, 1) or scalar > 0: y is in units of 1 / unit (it is compared with b * unit)
 ):
-    """``#{i : y >= b[i]}`` by binary search, which equals the count since the boundaries ascend. The
-    bits are decided from the top: the bit of weight ``2**t`` is ``y >= b[code_so_far + 2**t - 1]``,
-    where ``code_so_far`` holds the higher bits already decided. Up to 4 bits the boundary each step
-    compares against is picked from registers by a tree of selects on those bits; beyond, it is read
-    from the table (BITS dependent reads)."""
+    """``(k, c[k]**2)`` with ``k = #{i : y / unit >= b[i]}``. Up to 4 bits the codebook's symmetry halves the search:
+    with ``H = 2**(BITS-1)`` and ``b[H-1] = 0``, the magnitude index ``j = #{t < H-1 : |y| >= b[H+t]}`` is found
+    by a binary search of ``BITS - 1`` compares (each picks its boundary from registers by selects on the bits
+    already decided), then ``k = H + j`` for ``y >= 0`` and ``k = H - 1 - j`` below (the mirror boundaries), and
+    ``c[k]**2 = c[H+j]**2`` by a tree of selects on the same bits. The compares are "not below", so NaN
+    sets every bit and gets ``k = 0``, as ``#{i : NaN >= b[i]} = 0``. (A coordinate exactly on a negative
+    boundary ``-b`` gets the lower code, where counting gives the upper one: an exact tie either way.)
+    Wider codes count by a binary search over the table (BITS dependent reads)."""
     if BITS <= 4:
-        p_top = y >= _boundary(bnd_ptr, (1 << (BITS - 1)) - 1)
-        code = p_top.to(tl.int32) << (BITS - 1)
-        if BITS >= 2:  # code so far: 0 or 2**(BITS-1)
-            q = 1 << (BITS - 2)
-            p1 = y >= tl.where(p_top, _boundary(bnd_ptr, 3 * q - 1), _boundary(bnd_ptr, q - 1))
-            code += p1.to(tl.int32) << (BITS - 2)
-        if BITS >= 3:  # code so far: a multiple of 2**(BITS-2)
-            e = 1 << (BITS - 3)
-            low = tl.where(p1, _boundary(bnd_ptr, 3 * e - 1), _boundary(bnd_ptr, e - 1))
-            high = tl.where(p1, _boundary(bnd_ptr, 7 * e - 1), _boundary(bnd_ptr, 5 * e - 1))
-            p2 = y >= tl.where(p_top, high, low)
-            code += p2.to(tl.int32) << (BITS - 3)
-        if BITS == 4:  # code so far: even; compare against b[code + 0], i.e. b[2j] for j = code // 2
-            b_lo = tl.where(p2, tl.where(p1, _boundary(bnd_ptr, 6), _boundary(bnd_ptr, 2)),
-                            tl.where(p1, _boundary(bnd_ptr, 4), _boundary(bnd_ptr, 0)))
-            b_hi = tl.where(p2, tl.where(p1, _boundary(bnd_ptr, 14), _boundary(bnd_ptr, 10)),
-                            tl.where(p1, _boundary(bnd_ptr, 12), _boundary(bnd_ptr, 8)))
-            code += (y >= tl.where(p_top, b_hi, b_lo)).to(tl.int32)
+        H: tl.constexpr = 1 << (BITS - 1)
+        m = tl.abs(y)
+        up = y >= 0
+        if BITS == 1:
+            j = tl.zeros(y.shape, dtype=tl.int32)
+            sq = tl.full(y.shape, 1.0, y.dtype) * _sq(cent_ptr, 1)
+        else:
+            # bit of weight 2**(BITS-2): |y| >= b[H + 2**(BITS-2) - 1]
+            p0 = (m < _at(bnd_ptr, H + (1 << (BITS - 2)) - 1, unit)) == 0
+            j = p0.to(tl.int32) << (BITS - 2)
+            if BITS == 2:
+                sq = tl.where(p0, _sq(cent_ptr, 3), _sq(cent_ptr, 2))
+            if BITS >= 3:  # weight 2**(BITS-3): against b[H + j + 2**(BITS-3) - 1]
+                e: tl.constexpr = 1 << (BITS - 3)
+                p1 = (m < tl.where(p0, _at(bnd_ptr, H + 2 * e + e - 1, unit), _at(bnd_ptr, H + e - 1, unit))) == 0
+                j += p1.to(tl.int32) << (BITS - 3)
+            if BITS == 3:
+                sq = tl.where(p0, tl.where(p1, _sq(cent_ptr, 7), _sq(cent_ptr, 6)),
+                              tl.where(p1, _sq(cent_ptr, 5), _sq(cent_ptr, 4)))
+            if BITS == 4:  # weight 1: against b[8 + j], j = 0, 2, 4, 6
+                b_lo = tl.where(p1, _at(bnd_ptr, 10, unit), _at(bnd_ptr, 8, unit))
+                b_hi = tl.where(p1, _at(bnd_ptr, 14, unit), _at(bnd_ptr, 12, unit))
+                p2 = (m < tl.where(p0, b_hi, b_lo)) == 0
+                j += p2.to(tl.int32)
+                sq_lo = tl.where(p1, tl.where(p2, _sq(cent_ptr, 11), _sq(cent_ptr, 10)),
+                                 tl.where(p2, _sq(cent_ptr, 9), _sq(cent_ptr, 8)))
+                sq_hi = tl.where(p1, tl.where(p2, _sq(cent_ptr, 15), _sq(cent_ptr, 14)),
+                                 tl.where(p2, _sq(cent_ptr, 13), _sq(cent_ptr, 12)))
+                sq = tl.where(p0, sq_hi, sq_lo)
+        code = tl.where(up, H + j, H - 1 - j)
     else:
         code = tl.zeros(y.shape, dtype=tl.int32)
         for t in tl.static_range(BITS):
             cand = code + (1 << (BITS - 1 - t))  # in 1 .. 2**BITS - 1: always a valid boundary index + 1
-            code = tl.where(y >= tl.load(bnd_ptr + cand - 1), cand, code)
-    return code
+            code = tl.where(y >= tl.load(bnd_ptr + cand - 1) * unit, cand, code)
+        level = tl.load(cent_ptr + code)
+        sq = level * level
+    return code, sq
 
 
 @triton.jit
@@ -143,9 +177,10 @@ def quantize_kernel(
     # NORM_CORRECTION); raw_norms (n,) s = ||x|| (written only with NORM_CORRECTION and not SLOTS);
     # QJL: signs (n, sign_bytes) uint8 packed sign bits of S r, res_norms (n,) ||r||. Rows are contiguous,
     # CDT norms; with SLOTS they are a cache's fields (any strides, the cache's norm dtype)
-    tables,  # CDT constants (rot, boundaries, centroids, proj): rot = MATRIX: (BLOCK_D, BLOCK_D) R^T
-    # zero-padded, rotor: (3, BLOCK_D) weights W; boundaries (2**BITS - 1,); centroids (2**BITS,);
-    # QJL: proj (BLOCK_D, BLOCK_M) (S Rot^T)^T zero-padded
+    tables,  # constants (rot, boundaries, centroids, proj): rot: float32 compute: (2, BLOCK_D, BLOCK_D) float16
+    # [2**11 hi, 2**11 lo] with hi + lo = R^T (zero-padded) to about 2**-22, columns transposed as
+    # `tile_coordinates` says for 64 <= BLOCK_D <= 256; float64: (BLOCK_D, BLOCK_D) R^T. CDT: boundaries
+    # (2**BITS - 1,), centroids (2**BITS,), QJL: proj (BLOCK_D, BLOCK_M) (S Rot^T)^T zero-padded
     code_bytes: tl.constexpr,  # ceil(d * BITS / 8)
     m,  # QJL: number of projections
     # SLOTS: vector i goes to the cache entry whose row-major flat index over its leading shape
@@ -155,9 +190,8 @@ def quantize_kernel(
     entries,  # SLOTS: L0 * L1 * L2 * L3
     strides,  # SLOTS: 16 element strides over (L0, L1, L2, L3): codes (bytes), norms, signs (bytes), res_norms
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
-    DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
+    DOT_PRECISION: tl.constexpr,  # input_precision of the QJL sketch's and float64 tl.dots: "tf32x3" or "ieee"
     BITS: tl.constexpr,  # bits per code (spec.mse_bits)
-    MATRIX: tl.constexpr,  # True: the rotation as a matrix (tl.dot); False: one stage of rotor blocks
     QJL: tl.constexpr,  # True: also write the QJL sketch of the residual
     NORM_CORRECTION: tl.constexpr,  # True: store s / ||c[k]||
     SQUARES_FIT: tl.constexpr,  # True for float16 x: sum(x^2) fits the compute dtype, no max-scaling needed
@@ -166,7 +200,7 @@ def quantize_kernel(
     SLOT_INDEX: tl.constexpr,  # SLOTS: tl.int32 (entries < 2**31) or tl.int64, the dtype slots are unraveled in
     BLOCK_N: tl.constexpr,  # vectors per program
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
-    BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D
+    BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D (>= 64 if TRANSPOSED)
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
     INTERLEAVED: tl.constexpr,  # write the codes in the interleaved packing (BITS 2..4, d and BLOCK_C multiples
     # of 32)
@@ -188,12 +222,14 @@ def quantize_kernel(
     cols = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + rows64 * stride_x
     x = tl.load(x_rows[:, None] + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < d), other=0.0)
-    x = x.to(CDT)
-    if SQUARES_FIT:  # float16 x: sum(x^2) <= d * 65504^2 cannot overflow, nor x^2 >= 2^-48 underflow, in float32
-        s = exact_sqrt(tl.sum(x * x, axis=1))
-        pre = tl.full((BLOCK_N,), 1.0, dtype=CDT)
-        scale = 1.0 / tl.where(s > 0, s, 1.0)  # u = x * scale
+    SPLIT: tl.constexpr = rot_ptr.dtype.element_ty == tl.float16  # float32 compute: the float16 split of R^T
+    if SQUARES_FIT:  # float16 x, an exact tensor-core operand: s from the Gram diagonal, y = x @ (2**11 R^T)
+        gram = tl.dot(x, tl.trans(x))  # exact products, float32 sums: sum(x^2) <= d * 65504^2 cannot overflow
+        on_diagonal = tl.arange(0, BLOCK_N)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+        s = exact_sqrt(tl.sum(tl.where(on_diagonal, gram, 0.0), axis=1))
+        unit = (tl.where(s > 0, s, 1.0) * 2048.0)[:, None]
     else:
+        x = x.to(CDT)
         big = tl.max(tl.abs(x), axis=1)
         big = tl.where(big > 0, big, 1.0)
         pre = tl.where(big < 5.421010862427522e-20, 18446744073709551616.0, 1.0)  # 2**-64, 2**64: exact scaling
@@ -202,50 +238,53 @@ def quantize_kernel(
         root = exact_sqrt(tl.sum(xs * xs, axis=1))
         s = big * root  # NaN or Inf exactly when x holds NaN/Inf or ||x|| overflows float32
         scale = inv_big / tl.where(root > 0, root, 1.0)  # finite: inv_big <= 2**85 (2**1010 in float64), root >= 1
-    if MATRIX:
         u = (x * pre[:, None]) * scale[:, None]
+        unit = 1.0
+        if SPLIT:  # u = u_hi + 2**-11 u_lo to about 2**-22, both float16
+            u_hi = u.to(tl.float16)
+            u_lo = ((u - u_hi.to(CDT)) * 2048.0).to(tl.float16)
 
     code_rows = codes_ptr + code_at
     mcols = tl.arange(0, BLOCK_M)
     sketch = tl.zeros((BLOCK_N, BLOCK_M), dtype=CDT)
     res_sq = tl.zeros((BLOCK_N,), dtype=CDT)
-    cent_sq = tl.zeros((BLOCK_N,), dtype=CDT)
+    cent_sq = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)
+    TRANSPOSED: tl.constexpr = SPLIT and BLOCK_D >= 64 and BLOCK_D <= 256  # `tables.transposed_tiles`
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        if MATRIX:
-            rt = tl.load(rot_ptr + cols[:, None] * BLOCK_D + cc[None, :])
-            y = tl.dot(u, rt, input_precision=DOT_PRECISION)
+        cc = c0 + tile_coordinates(BLOCK_C, TRANSPOSED)  # the coordinate of each column of the chunk
+        if SPLIT:
+            tc = c0 + tl.arange(0, BLOCK_C)
+            r_hi = tl.load(rot_ptr + cols[:, None] * BLOCK_D + tc[None, :])
+            r_lo = tl.load(rot_ptr + BLOCK_D * BLOCK_D + cols[:, None] * BLOCK_D + tc[None, :])
+            if SQUARES_FIT:  # y = 2**11 ||x|| Rot(u), in units of `unit`
+                y = tl.dot(x, r_hi, tl.dot(x, r_lo))
+            else:  # the fourth product, u_lo r_lo, is below 2**-22
+                y = tl.dot(u_hi, r_hi, tl.dot(u_hi, r_lo, tl.dot(u_lo, r_hi) * 0.00048828125)) * 0.00048828125
         else:
-            y = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)
-            for i in tl.static_range(3):
-                src = 3 * (cc // 3) + i
-                xi = tl.load(x_rows[:, None] + src[None, :], mask=row_ok[:, None] & (src[None, :] < d), other=0.0)
-                if SQUARES_FIT:
-                    xi = xi.to(CDT) * scale[:, None]
-                else:
-                    xi = (xi.to(CDT) * pre[:, None]) * scale[:, None]
-                y += tl.load(rot_ptr + i * BLOCK_D + cc)[None, :] * xi
+            y = tl.dot(u, tl.load(rot_ptr + cols[:, None] * BLOCK_D + cc[None, :]), input_precision=DOT_PRECISION)
         valid = (cc < d)[None, :]
-        code = tl.where(valid, nearest_code(y, bnd_ptr, BITS), 0)
+        code, sq = nearest_code(y, bnd_ptr, cent_ptr, BITS, unit)
+        if d < BLOCK_D:  # padding columns: code 0, no level
+            code = tl.where(valid, code, 0)
+            sq = tl.where(valid, sq, 0.0)
         if INTERLEAVED:
-            store_interleaved(code_rows, put, code, c0 // 32, d // 32, BITS, BLOCK_N, BLOCK_C)
+            store_interleaved(code_rows, put, code, c0 // 32, d // 32, BITS, BLOCK_N, BLOCK_C, TRANSPOSED)
         else:
-            store_codes(code_rows, put, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C)
-        if QJL or NORM_CORRECTION:
+            store_codes(code_rows, put, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C, TRANSPOSED)
+        if NORM_CORRECTION:
+            cent_sq += sq
+        if QJL:
             level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
-            if NORM_CORRECTION:
-                cent_sq += tl.sum(level * level, axis=1)
-            if QJL:
-                diff = tl.where(valid, y - level, 0.0)
-                res_sq += tl.sum(diff * diff, axis=1)
-                proj = tl.load(proj_ptr + cc[:, None] * BLOCK_M + mcols[None, :])
-                sketch += tl.dot(diff, proj, input_precision=DOT_PRECISION)
+            diff = tl.where(valid, y / unit - level, 0.0)
+            res_sq += tl.sum(diff * diff, axis=1)
+            proj = tl.load(proj_ptr + cc[:, None] * BLOCK_M + mcols[None, :])
+            sketch += tl.dot(diff, proj, input_precision=DOT_PRECISION)
 
     stored = s
     if NORM_CORRECTION:
         if not SLOTS:
             tl.store(raw_norms_ptr + rows, s, mask=row_ok)
-        stored = s / exact_sqrt(cent_sq)
+        stored = s / exact_sqrt(tl.sum(cent_sq, axis=1))
     if NORM_MAX > 0:  # unchecked calls: Inf, where a cast to the norm dtype would round down to its max
         stored = tl.where(stored > NORM_MAX, float("inf"), stored)
     tl.store(norms_ptr + norm_at, _as_stored(stored, norms_ptr), mask=put)

@@ -38,13 +38,12 @@ def test_gpu_speed_tables_run_on_the_interpreter(monkeypatch, capsys):
         monkeypatch.setattr(gpu_speed, timer, once)
     gpu_speed.quantize_table([40], dim=128, bits=3)
     gpu_speed.quantize_sweep(40, dim=128, bits=3)
-    gpu_speed.dense_quantize_sweep(40, dim=128, bits=3)
     gpu_speed.attention_table([48], batch=1, q_heads=4, kv_heads=2, dim=32, bits=3)
     gpu_speed.attention_sweep(40, batch=1, q_heads=4, kv_heads=2, dim=32, bits=3)
     gpu_speed.append_table([3, 20], kv_heads=2, dim=32, bits=3)
     lines = capsys.readouterr().out.splitlines()
     rows = [line for line in lines if line[:1].isdigit()]
-    assert len(rows) == 1 + 9 + 5 + 1 + 9 + 2, "\n".join(lines)
+    assert len(rows) == 1 + 8 + 1 + 9 + 2, "\n".join(lines)
     append_rows = [line for line in rows if line.startswith(("3 |", "20 |"))]
     assert len(append_rows) == 2 and all(line.endswith("| True") for line in append_rows), append_rows
     attention_row = [line for line in rows if line.startswith("48 |")]  # last cells: max |paged - contiguous|,

@@ -32,7 +32,7 @@ from ...kernels.scores import scores_kernel
 from ...params import QuantParams
 from ...spec import Packing
 from ..tensors import NORM_DTYPES, compute_dtype
-from .tables import SQRT_HALF_PI, pow2, query_maps, tables
+from .tables import SQRT_HALF_PI, pow2, query_maps, tables, transposed_tiles
 
 INTERPRETING = type(quantize_kernel).__name__ == "InterpretedFunction"
 """True when ``TRITON_INTERPRET=1`` was set before the kernels were imported (CPU tensors)."""
@@ -56,7 +56,8 @@ class LaunchConfig:
         quantize_block_n: vectors per program.
         quantize_warps: warps per program.
         quantize_block_c: coordinates per chunk (at least 32 for the interleaved packing, which writes whole
-            32-code chunks).
+            32-code chunks; at least 64 in float32 compute for 32 < d <= 256, whose rotation table then holds
+            64-column blocks, `tables.transposed_tiles`).
 
     Attention (the defaults were the fastest of the launch sweep of `benchmarks/gpu_speed.py` at context
     32K on an NVIDIA H200, 2026-11-27: 1725 us against 2201 us for 64 keys per step):
@@ -135,19 +136,20 @@ def word_aligned(*packed: torch.Tensor) -> bool:
 # ---------------------------------------------------------------------------- quantize
 
 
-def quantize_defaults(params: QuantParams) -> tuple[int, int, int]:
-    """``(vectors per program, coordinates per chunk, warps)`` for ``params``: float32 ``tl.dot`` operands of a
-    chunk stay <= 32 KiB. One rotor stage without QJL (no tl.dot) runs 16 vectors on 2 warps at d <= 128:
-    fastest in the launch sweep of `benchmarks/gpu_speed.py` on an H200 (23 us vs 49 us for 32 vectors on
-    8 warps at n = 16384)."""
+def quantize_defaults(params: QuantParams, compute: torch.dtype) -> tuple[int, int, int]:
+    """``(vectors per program, coordinates per chunk, warps)`` for ``params`` in ``compute``. float32: 64 vectors
+    on 4 warps in chunks of 64 coordinates up to d = 128, the fewest sm_90 instructions per coordinate of the
+    settings compiled by `benchmarks/sass_count.py`'s method; 32 vectors to d = 256, and 16 in chunks of 16
+    beyond, so that a chunk's float16 table stays within 64 KiB up to d = 1024. float64: ``tl.dot`` operands of a
+    chunk stay <= 32 KiB."""
     spec = params.spec
     block_d, block_m = pow2(spec.dim), pow2(spec.qjl_dim)
     if INTERPRETING:
         return 16, 16, WARPS
-    if params.single_stage and not spec.qjl and block_d <= 128:
-        return 16, block_d, 2
+    if compute == torch.float32:
+        return (64 if block_d <= 128 else 32 if block_d <= 256 else 16), (64 if block_d <= 256 else 16), 4
     block_n = 32 if block_d <= 128 else 16
-    chunk = block_d if params.single_stage else max(16, 8192 // block_d)
+    chunk = max(16, 8192 // block_d)
     if spec.qjl:
         chunk = min(chunk, max(16, 8192 // block_m))
     return block_n, min(chunk, block_d), WARPS
@@ -184,18 +186,20 @@ def quantize(
         raw = norms
         shape, entries, strides = _slot_layout(cache)
         wide = entries > config.int32_entries
-    block_n, block_c, warps = quantize_defaults(params)
+    block_n, block_c, warps = quantize_defaults(params, compute)
     block_n, block_c = config.quantize_block_n or block_n, config.quantize_block_c or block_c
     interleaved = spec.packing is Packing.INTERLEAVED
     if interleaved:
         block_c = max(block_c, 32)
+    if compute == torch.float32 and transposed_tiles(tab.block_d):
+        block_c = max(block_c, 64)
     if n:
         quantize_kernel[(triton.cdiv(n, block_n),)](
             rows, rows.stride(0), n, spec.dim,
             (codes, norms, raw, signs if spec.qjl else codes, res if spec.qjl else norms),
             (tab.fwd, tab.boundaries, tab.centroids, tab.proj if spec.qjl else tab.centroids),
             spec.code_bytes, spec.qjl_dim, slots, shape, entries, strides,
-            **kernel_dtypes(compute), BITS=spec.mse_bits, MATRIX=not params.single_stage, QJL=spec.qjl,
+            **kernel_dtypes(compute), BITS=spec.mse_bits, QJL=spec.qjl,
             NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
             NORM_MAX=float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max) if cap_norms else 0.0,
             SLOTS=into is not None, SLOT_INDEX=tl.int64 if wide else tl.int32, BLOCK_N=block_n, BLOCK_D=tab.block_d,

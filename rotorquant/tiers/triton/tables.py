@@ -28,9 +28,9 @@ def pow2(n: int) -> int:
 class Tables:
     """A spec's constants on one device in the compute dtype, zero-padded to kernel tile sizes.
 
-    ``block_d`` = pow2(d), ``block_m`` = pow2(qjl_dim). ``fwd``/``inv``: the rotation's matrix ``R^T``/``R``
-    ``(block_d, block_d)``, or for one rotor stage the weights ``(3, block_d)`` with
-    ``fwd[i, c] = blocks[0, c//3, c%3, i]`` and ``inv[i, c] = blocks[0, c//3, i, c%3]``. ``rmat``: the whole rotation ``R`` padded
+    ``block_d`` = pow2(d), ``block_m`` = pow2(qjl_dim). ``fwd``: ``R^T`` for quantize, in float32 compute as
+    its float16 split (`split_rotation`), in float64 ``(block_d, block_d)``. ``inv``: ``R`` ``(block_d, block_d)``
+    for dequantize, or for one rotor stage the weights ``(3, block_d)`` of `rotor_weights`. ``rmat``: the whole rotation ``R`` padded
     (``x = y @ R``); ``rot_t``: ``(d, block_d)`` ``R^T`` (``Rot(q) = q @ rot_t``). QJL:
     ``proj`` = ``(S R^T)^T`` ``(block_d, block_m)``, ``smat`` = ``sqrt(pi/2)/m S`` ``(block_m, block_d)`` (the QJL
     scale folded in, in float64: a Python float kernel argument would reach the GPU as float32),
@@ -57,16 +57,37 @@ def padded(a, shape: tuple[int, int], device: torch.device, dtype: torch.dtype) 
     return out.to(device=device, dtype=dtype)
 
 
-def rotor_weights(blocks: np.ndarray, dim: int, block_d: int, transpose: bool) -> np.ndarray:
-    """``(3, block_d)``: ``w[i, c]`` multiplies coordinate ``3*(c//3)+i`` to give output ``c`` (0 off the vector):
-    ``blocks[c//3, c%3, i]``, or ``blocks[c//3, i, c%3]`` for the inverse (``transpose``)."""
+def rotor_weights(blocks: np.ndarray, dim: int, block_d: int) -> np.ndarray:
+    """``(3, block_d)``: the inverse of one rotor stage as weights, ``w[i, c] = blocks[c//3, i, c%3]`` multiplies
+    coordinate ``3*(c//3)+i`` to give output ``c`` (0 off the vector)."""
     c = np.arange(dim)
     g, r = c // 3, c % 3
     w = np.zeros((3, block_d))
     for i in range(3):
-        inside = 3 * g + i < dim
-        w[i, :dim] = np.where(inside, blocks[g, i, r] if transpose else blocks[g, r, i], 0.0)
+        w[i, :dim] = np.where(3 * g + i < dim, blocks[g, i, r], 0.0)
     return w
+
+
+def transposed_tiles(block_d: int) -> bool:
+    """Whether the split rotation's columns are 8x8-transposed in each 64-column block (`split_rotation`): for
+    ``64 <= block_d <= 256``, and then the quantize kernel's chunks are multiples of 64 columns (wider rows
+    take narrower chunks, so that a chunk's two table halves stay within 64 KiB)."""
+    return 64 <= block_d <= 256
+
+
+def split_rotation(rot_t: np.ndarray, block_d: int, device: torch.device) -> torch.Tensor:
+    """``(2, block_d, block_d)`` float16 ``[2**11 hi, 2**11 lo]`` of ``rot_t (d, d)`` zero-padded, with
+    ``hi = fp16(R^T)`` and ``lo = fp16(2**11 (R^T - hi)) / 2**11``: ``hi + lo`` is ``R^T`` to about ``2**-22``
+    (each entry of a rotation is at most 1, so 2**11 hi stays below 2048 and lo is no float16 subnormal
+    but for entries below 2**-14), which the tensor cores multiply by float16 operands exactly. Column ``j``
+    holds coordinate `rotorquant.kernels.bitstream.tile_coordinates` ``(j)`` where `transposed_tiles`."""
+    full = padded(rot_t, (block_d, block_d), torch.device("cpu"), torch.float64)
+    if transposed_tiles(block_d):
+        j = torch.arange(block_d)
+        full = full[:, (j // 64) * 64 + (j % 8) * 8 + (j % 64) // 8]
+    hi = full.to(torch.float16)
+    lo = ((full - hi.double()) * 2048.0).to(torch.float16)
+    return torch.stack([hi * 2048.0, lo]).to(device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -81,10 +102,9 @@ def tables(params: QuantParams, device: torch.device, dtype: torch.dtype) -> Tab
     d, bd, bm = spec.dim, pow2(spec.dim), pow2(spec.qjl_dim)
     rot = params.rotation_matrix()
     if params.single_stage:
-        fwd = padded(rotor_weights(params.blocks[0], d, bd, transpose=False), (3, bd), device, dtype)
-        inv = padded(rotor_weights(params.blocks[0], d, bd, transpose=True), (3, bd), device, dtype)
+        inv = padded(rotor_weights(params.blocks[0], d, bd), (3, bd), device, dtype)
     else:
-        fwd, inv = padded(rot.T, (bd, bd), device, dtype), padded(rot, (bd, bd), device, dtype)
+        inv = padded(rot, (bd, bd), device, dtype)
     proj = smat = sketch_t = None
     if spec.qjl:
         s = params.qjl_matrix
@@ -96,7 +116,7 @@ def tables(params: QuantParams, device: torch.device, dtype: torch.dtype) -> Tab
         block_m=bm,
         centroids=torch.tensor(params.centroids, dtype=dtype, device=device),
         boundaries=torch.tensor(params.boundaries, dtype=dtype, device=device),
-        fwd=fwd,
+        fwd=split_rotation(rot.T, bd, device) if dtype == torch.float32 else padded(rot.T, (bd, bd), device, dtype),
         inv=inv,
         rmat=padded(rot, (bd, bd), device, dtype),
         rot_t=padded(rot.T, (d, bd), device, dtype),
