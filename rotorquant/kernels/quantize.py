@@ -201,6 +201,8 @@ def quantize_kernel(
     BLOCK_N: tl.constexpr,  # vectors per program
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_C: tl.constexpr,  # coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_D (>= 64 if TRANSPOSED)
+    TRANSPOSED: tl.constexpr,  # the float16 table's columns are transposed (`tables.transposed_tiles`) as
+    # `tile_coordinates` says
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
     INTERLEAVED: tl.constexpr,  # write the codes in the interleaved packing (BITS 2..4, d and BLOCK_C multiples
     # of 32)
@@ -249,7 +251,6 @@ def quantize_kernel(
     sketch = tl.zeros((BLOCK_N, BLOCK_M), dtype=CDT)
     res_sq = tl.zeros((BLOCK_N,), dtype=CDT)
     cent_sq = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)
-    TRANSPOSED: tl.constexpr = SPLIT and BLOCK_D >= 64 and BLOCK_D <= 256  # `tables.transposed_tiles`
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cc = c0 + tile_coordinates(BLOCK_C, TRANSPOSED)  # the coordinate of each column of the chunk
         if SPLIT:

@@ -191,7 +191,8 @@ def quantize(
     interleaved = spec.packing is Packing.INTERLEAVED
     if interleaved:
         block_c = max(block_c, 32)
-    if compute == torch.float32 and transposed_tiles(tab.block_d):
+    transposed = compute == torch.float32 and transposed_tiles(tab.block_d)
+    if transposed:
         block_c = max(block_c, 64)
     if n:
         quantize_kernel[(triton.cdiv(n, block_n),)](
@@ -203,7 +204,8 @@ def quantize(
             NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
             NORM_MAX=float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max) if cap_norms else 0.0,
             SLOTS=into is not None, SLOT_INDEX=tl.int64 if wide else tl.int32, BLOCK_N=block_n, BLOCK_D=tab.block_d,
-            BLOCK_C=block_c, BLOCK_M=tab.block_m, INTERLEAVED=interleaved, num_warps=config.quantize_warps or warps,
+            BLOCK_C=block_c, TRANSPOSED=transposed, BLOCK_M=tab.block_m, INTERLEAVED=interleaved,
+            num_warps=config.quantize_warps or warps,
             **_FUSED,
         )  # fmt: skip
     return codes, norms, raw, signs, res
