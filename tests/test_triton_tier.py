@@ -32,7 +32,11 @@ from tiers import split_attention as _split_attention  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from rotorquant.kernels.quantize import nearest_code  # noqa: E402
-from rotorquant.kernels.levels import byte_tables, centroid_levels, load_interleaved_levels  # noqa: E402
+from rotorquant.kernels.bitstream import tile_coordinates  # noqa: E402
+from rotorquant.kernels.levels import (  # noqa: E402
+    add_counts, byte_tables, centroid_levels, load_interleaved_levels, magnitude_bit_counts, set_bits,
+    square_sum_of_levels,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = "cpu" if tt.INTERPRETING else "cuda"
@@ -156,7 +160,6 @@ def _nearest_and_level_kernel(
     bnd_ptr,  # (2**BITS - 1,) float32 boundaries
     cent_ptr,  # (2**BITS,) float32 centroids
     code_ptr,  # (n,) int32 output: nearest_code's code of y
-    sq_ptr,  # (n,) float32 output: nearest_code's squared level
     level_ptr,  # (n,) float32 output: centroid_levels(code)
     n,  # number of coordinates
     BITS: tl.constexpr,  # bits per code
@@ -164,9 +167,8 @@ def _nearest_and_level_kernel(
 ):
     i = tl.arange(0, BLOCK)
     ok = i < n
-    code, sq = nearest_code(tl.load(y_ptr + i, mask=ok, other=0.0), bnd_ptr, cent_ptr, BITS, 1.0)
+    code = nearest_code(tl.load(y_ptr + i, mask=ok, other=0.0), bnd_ptr, BITS, 1.0)
     tl.store(code_ptr + i, code, mask=ok)
-    tl.store(sq_ptr + i, sq, mask=ok)
     tl.store(level_ptr + i, centroid_levels(code, cent_ptr, BITS), mask=ok)
 
 
@@ -175,29 +177,96 @@ def _nearest_and_level_kernel(
 def test_nearest_code_ties_and_centroid_levels(bits):
     """The kernels' code search and level lookup on their own: every boundary, the floats next to it, +-0, NaN and
     +-3 get ``#{i : y >= b[i]}`` (0 for NaN), except that a coordinate exactly on a negative boundary takes the lower code up to
-    4 bits (a tie: the search works on ``|y|``, so ties go to the level of larger magnitude on both sides); the
-    squared level is ``c[code]**2``, and every code maps to its centroid."""
+    4 bits (a tie: the search works on ``|y|``, so ties go to the level of larger magnitude on both sides), and
+    every code maps to its centroid."""
     params = _spec(dim=16, bits=bits)
     b = params.boundaries.astype(np.float32)
     y = np.concatenate([b, np.nextafter(b, -np.inf), np.nextafter(b, np.inf), [0.0, -0.0, -3.0, 3.0, np.nan]])
     y = y.astype(np.float32)
     n = y.size
     code = torch.empty(n, dtype=torch.int32, device=DEVICE)
-    sq = torch.empty(n, dtype=torch.float32, device=DEVICE)
     level = torch.empty(n, dtype=torch.float32, device=DEVICE)
     as_dev = lambda a: torch.tensor(a, dtype=torch.float32, device=DEVICE)  # noqa: E731
     _nearest_and_level_kernel[(1,)](
-        as_dev(y), as_dev(b), as_dev(params.centroids), code, sq, level, n, BITS=bits,
-        BLOCK=triton.next_power_of_2(n),
+        as_dev(y), as_dev(b), as_dev(params.centroids), code, level, n, BITS=bits, BLOCK=triton.next_power_of_2(n)
     )  # fmt: skip
     want = np.searchsorted(b, y, side="right")  # #{i : y >= b[i]}
     if bits <= 4:
         want = np.where(y < 0, np.searchsorted(b, y, side="left"), want)
     want[np.isnan(y)] = 0  # NaN >= b[i] is false for every i (searchsorted would sort NaN last)
     np.testing.assert_array_equal(_np(code).astype(int), want)
-    c = params.centroids.astype(np.float32)
-    np.testing.assert_array_equal(_np(sq), c[want] * c[want])
-    np.testing.assert_array_equal(_np(level), c[want])
+    np.testing.assert_array_equal(_np(level), params.centroids.astype(np.float32)[want])
+
+
+@triton.jit
+def _set_bits_kernel(
+    w_ptr,  # (n,) uint32 words
+    out_ptr,  # (n,) int32 output: set_bits of each word
+    n,  # number of words
+    POPC: tl.constexpr,  # the GPU's popc (CUDA only); else integer operations
+    BLOCK: tl.constexpr,  # power of two >= n
+):
+    i = tl.arange(0, BLOCK)
+    tl.store(out_ptr + i, set_bits(tl.load(w_ptr + i, mask=i < n, other=0), POPC), mask=i < n)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "popc", [False, pytest.param(True, marks=pytest.mark.skipif(DEVICE != "cuda", reason="libdevice runs only on a GPU"))]
+)  # fmt: skip
+def test_set_bits_counts_every_bit(popc):
+    """`set_bits` (the GPU's popc, or the integer operations the interpreter runs) counts the bits of 0, all ones,
+    every single bit and random words exactly."""
+    words = np.concatenate([[0, 0xFFFFFFFF], 1 << np.arange(32, dtype=np.uint64), np.random.default_rng(0).integers(0, 2**32, 200)])
+    words = words.astype(np.uint32)
+    out = torch.empty(words.size, dtype=torch.int32, device=DEVICE)
+    w = torch.tensor(words.view(np.int32), device=DEVICE).view(torch.uint32)
+    _set_bits_kernel[(1,)](w, out, words.size, POPC=popc, BLOCK=triton.next_power_of_2(words.size))
+    want = [bin(int(v)).count("1") for v in words]
+    np.testing.assert_array_equal(_np(out).astype(int), want)
+
+
+@triton.jit
+def _square_sum_kernel(
+    code_ptr,  # (ROWS, WIDTH) int32 codes, 0 past count
+    cent_ptr,  # (2**BITS,) float32 centroids
+    out_ptr,  # (ROWS,) float32 output: square_sum_of_levels of the rows' counted codes
+    count: tl.constexpr,  # counted codes per row
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+    ROWS: tl.constexpr,  # rows
+    WIDTH: tl.constexpr,  # codes per row, counted or not (two tiles of WIDTH // 2)
+    TRANSPOSED: tl.constexpr,  # the tiles' columns hold their coordinates as tile_coordinates says
+):
+    r = tl.arange(0, ROWS)[:, None]
+    HALF: tl.constexpr = WIDTH // 2
+    counts = ()
+    for c0 in tl.static_range(0, WIDTH, HALF):
+        code = tl.load(code_ptr + r * WIDTH + c0 + tile_coordinates(HALF, TRANSPOSED)[None, :])
+        counts = add_counts(counts, magnitude_bit_counts(code, BITS, ROWS, HALF, TRANSPOSED, False))
+    tl.store(out_ptr + tl.arange(0, ROWS), square_sum_of_levels(counts, count, WIDTH - count, cent_ptr, BITS))
+
+
+@needs_kernels
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_square_sum_of_levels_counts_every_magnitude(bits, transposed):
+    """The norm correction's ``sum_t c[k_t]**2``, counted from popcounts over two tiles of a row: rows of one code
+    repeated (every magnitude, both signs), and random rows with 37 of 128 codes padding (code 0), agree with the
+    float64 sum of the squared centroids to float32 rounding."""
+    params = _spec(dim=16, bits=bits)
+    rng = np.random.default_rng(bits)
+    count = 91
+    codes = np.zeros((32, 128), dtype=np.int32)
+    codes[:, :count] = rng.integers(0, 2**bits, (32, count))
+    codes[: 2**bits, :count] = np.arange(2**bits)[:, None]
+    out = torch.empty(codes.shape[0], dtype=torch.float32, device=DEVICE)
+    _square_sum_kernel[(1,)](
+        torch.tensor(codes, device=DEVICE), torch.tensor(params.centroids.astype(np.float32), device=DEVICE), out,
+        count=count, BITS=bits, ROWS=codes.shape[0], WIDTH=128, TRANSPOSED=transposed,
+    )  # fmt: skip
+    c = params.centroids.astype(np.float32).astype(np.float64)
+    want = (c[codes[:, :count]] ** 2).sum(axis=1)
+    np.testing.assert_allclose(_np(out), want, rtol=1e-6)
 
 
 @triton.jit
@@ -713,7 +782,7 @@ for l in variants.values():
     spills = len(re.findall(r"\b(?:STL|LDL)\b", get_sass(k.asm["cubin"])))
     tensors, layouts_ok = asm_layouts(k.asm["ttgir"])
     print(l.fn.__name__, "spills", spills, "shared", k.metadata.shared, "prmt", k.asm["ptx"].count("prmt.b32"),
-          "asm_tensors", tensors, "asm_layouts_ok", layouts_ok)
+          "asm_tensors", tensors, "asm_layouts_ok", layouts_ok, "popc", k.asm["ptx"].count("popc.b32"))
 """
 
 
@@ -728,7 +797,7 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     compiles ahead of time for an sm_90 GPU with Triton's own ptxas, and fits the 227 KiB of shared memory of an
     H100; the query rotation spills few registers, if any. Half-precision attention over interleaved caches
     runs the PRMT asm, whose packed calls see 4 copies of one selector (checked in the TTGIR layouts); the
-    other kernels run none. Catches what the interpreter cannot: constexpr misuse, tl.dot shapes and dtypes,
+    other kernels run none. Quantize with norm correction at 2 to 4 bits counts with the GPU's popc. Catches what the interpreter cannot: constexpr misuse, tl.dot shapes and dtypes,
     pointer types, int64 shifts, inline asm."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = _pythonpath()
@@ -746,6 +815,8 @@ def test_kernels_compile_for_a_gpu(tmp_path):
     asm = [(line[0], int(line[6]), line[10]) for line in lines if int(line[8])]  # variants with the PRMT asm
     assert len(asm) >= 4 and all(name == "attention_split_kernel" for name, *_ in asm), asm  # the half-precision ones
     assert all(prmt >= 64 and ok == "True" for _, prmt, ok in asm), asm
+    popc = {(line[0], int(line[12])) for line in lines if int(line[12])}  # norm correction's counts, 2 to 4 bits
+    assert popc and {name for name, _ in popc} == {"quantize_kernel"}, popc
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""From packed codes to the values they stand for, inside a kernel: centroid levels and QJL signs.
+"""From packed codes to the values they stand for, inside a kernel: centroid levels, QJL signs, and the
+square sum of a row's levels.
 
 Shared by every kernel that reads codes (dequantize, scores, attention) or needs the levels of codes it
 just chose (quantize). The codebook is antisymmetric, ``c[2**b - 1 - k] = -c[k]`` (checked on the host),
@@ -15,12 +16,18 @@ a high-byte table of two 32-bit words each (`byte_tables`), and a selector word 
 
 On a GPU that is inline PTX (``PRMT``); the interpreter, which runs no asm, computes the same bytes with
 integer operations.
+
+The sum of a row's squared levels, which the norm correction needs (`square_sum_of_levels`), is counted rather
+than looked up: up to 4 bits it depends only on how many codes have each magnitude, and those counts come from
+popcounts of the words the codes pack into (`magnitude_bit_counts`; the GPU's ``popc`` with ``POPC``, integer
+operations under the interpreter, which has no libdevice).
 """
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from .bitstream import interleaved_selectors, read_codes, selector_codes
+from .bitstream import group_words, interleaved_selectors, read_codes, selector_codes
 
 
 @triton.jit
@@ -224,3 +231,96 @@ def load_signs(
     j = tl.arange(0, WIDTH)[None, :]
     bit = read_codes(row_ptr, row_mask, n_bytes, 1, ROWS, WIDTH, WORDS)
     return mma_operand(tl.where(j < m, 2.0 * bit.to(DTYPE) - 1.0, 0.0).to(DTYPE))
+
+
+
+@triton.jit
+def set_bits(
+    w,  # (..) uint32 words
+    POPC: tl.constexpr,  # count with the GPU's popc (libdevice); else with integer operations (the interpreter)
+):
+    """``(..)`` int32: the number of set bits of each word."""
+    if POPC:
+        return libdevice.popc(w.to(tl.int32, bitcast=True))
+    else:
+        w = w - ((w >> 1) & 0x55555555)
+        w = (w & 0x33333333) + ((w >> 2) & 0x33333333)
+        w = (w + (w >> 4)) & 0x0F0F0F0F
+        return ((w * 0x01010101) >> 24).to(tl.int32)
+
+
+
+@triton.jit
+def magnitude_bit_counts(
+    code,  # (ROWS, WIDTH) integer codes in [0, 2**BITS) of the tile's coordinates (`bitstream.tile_coordinates`)
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+    ROWS: tl.constexpr,  # rows
+    WIDTH: tl.constexpr,  # columns (a multiple of 8; of 64 with TRANSPOSED)
+    TRANSPOSED: tl.constexpr,  # the columns hold their coordinates as `bitstream.tile_coordinates` says
+    POPC: tl.constexpr,  # count bits with the GPU's popc (libdevice); else with integer operations
+):
+    """The codes' magnitude indices ``j`` counted by their bits: a tuple whose entry ``S - 1`` (``S = 1 .. H - 1``,
+    ``H = 2**(BITS-1)``, a set of bit positions) is ``(ROWS, WIDTH // 8)`` int32, the codes of each word of 8
+    (`bitstream.group_words`, the words the codes pack into) whose ``j`` has every bit of ``S``. The magnitude
+    index is ``k - H`` in the upper half and ``H - 1 - k`` below, so bit ``i`` of ``j`` is bit ``i`` of ``k`` XNOR
+    the top bit: one word operation gives the mask of a bit, an AND of masks that of a set, a popcount its count."""
+    lanes: tl.constexpr = 0x11111111 if BITS == 4 else (0x249249 if BITS == 3 else 0x5555)  # bit 0 of each code
+    words = group_words(code.to(tl.uint32), BITS, ROWS, WIDTH, TRANSPOSED)
+    top = words >> (BITS - 1)
+    j0 = ((words ^ top) & lanes) ^ lanes  # XNOR, masked
+    if BITS == 2:
+        return (set_bits(j0, POPC),)
+    j1 = (((words >> 1) ^ top) & lanes) ^ lanes
+    if BITS == 3:
+        return set_bits(j0, POPC), set_bits(j1, POPC), set_bits(j0 & j1, POPC)
+    j2 = (((words >> 2) ^ top) & lanes) ^ lanes
+    return (set_bits(j0, POPC), set_bits(j1, POPC), set_bits(j0 & j1, POPC), set_bits(j2, POPC),
+            set_bits(j0 & j2, POPC), set_bits(j1 & j2, POPC), set_bits(j0 & j1 & j2, POPC))  # fmt: skip
+
+
+@triton.jit
+def add_counts(
+    a,  # tuple of tensors, or () for no counts yet
+    b,  # tuple of tensors (as many as a, of the same shapes, unless a is empty)
+):
+    """The tuple of the sums ``a[i] + b[i]`` (``b`` for an empty ``a``)."""
+    if len(a) == 0:
+        out = b
+    else:
+        out = ()
+        for i in tl.static_range(len(a)):
+            out = out + (a[i] + b[i],)
+    return out
+
+
+@triton.jit
+def square_sum_of_levels(
+    counts,  # `magnitude_bit_counts` of a row's codes, summed over its tiles: tuple of (ROWS, G) int32
+    count: tl.constexpr,  # codes per row
+    pad: tl.constexpr,  # padding codes per row among those counted (code 0, so j = H - 1: every bit)
+    cent_ptr,  # (2**BITS,) centroids, antisymmetric: c[2**BITS - 1 - k] = -c[k]
+    BITS: tl.constexpr,  # bits per code: 2, 3 or 4
+):
+    """``(ROWS,)`` ``sum_t c[k_t]**2`` over each row's ``count`` codes, in the centroids' dtype, from the bit counts
+    ``m_S`` (less the padding's): a level's square is ``c[H + j]**2``, and the number of codes with magnitude
+    index ``j`` is, by inclusion-exclusion, ``n_j = sum_{S >= bits(j)} (-1)**|S - bits(j)| m_S`` (``m_{} =
+    count``). The ``n_j`` are exact integers, so the sum rounds once per magnitude."""
+    H: tl.constexpr = 1 << (BITS - 1)
+    m0 = tl.sum(counts[0], axis=1) - pad
+    if BITS == 2:
+        n = (count - m0, m0)
+    else:
+        m1, m01 = tl.sum(counts[1], axis=1) - pad, tl.sum(counts[2], axis=1) - pad
+        if BITS == 3:
+            n = (count - m0 - m1 + m01, m0 - m01, m1 - m01, m01)
+        else:
+            m2, m02 = tl.sum(counts[3], axis=1) - pad, tl.sum(counts[4], axis=1) - pad
+            m12, m012 = tl.sum(counts[5], axis=1) - pad, tl.sum(counts[6], axis=1) - pad
+            n = (count - m0 - m1 - m2 + m01 + m02 + m12 - m012, m0 - m01 - m02 + m012, m1 - m01 - m12 + m012,
+                 m01 - m012, m2 - m02 - m12 + m012, m02 - m012, m12 - m012, m012)  # fmt: skip
+    c = tl.load(cent_ptr + H)
+    total = n[0].to(c.dtype) * (c * c)
+    for j in tl.static_range(1, H):
+        c = tl.load(cent_ptr + H + j)
+        total += n[j].to(c.dtype) * (c * c)
+    return total

@@ -14,7 +14,8 @@ and the rotation's matrix ``R`` (every rotation, the rotor butterfly included, i
     (float32-level accuracy: each product is exact, the dropped u_lo @ lo is below 2**-22). float64: one tl.dot.
     k_c = #{i : y_c / unit >= b_i}    (unit = 2**11 s for float16 x, else 1: the boundaries are scaled per row;
                                        a binary search on |y| over the upper half of the antisymmetric codebook)
-    stored norm = s, or s / ||c[k]|| with norm correction (c[k]**2 picked by the search's own selects)
+    stored norm = s, or s / ||c[k]|| with norm correction (2 to 4 bits: ||c[k]||**2 = sum_j n_j c[H + j]**2, the
+                  codes of each magnitude j counted by popcounts of the packed words, `levels.square_sum_of_levels`)
     QJL:  S r = s * (S Rot^T) (y / unit - c[k]),  ||r|| = s * ||y / unit - c[k]||   (the rotation is orthogonal)
 
 The coordinates are processed in chunks of ``BLOCK_C`` (a multiple of 8, so each chunk packs into whole bytes;
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .bitstream import store_codes, store_interleaved, tile_coordinates
-from .levels import centroid_levels
+from .levels import add_counts, centroid_levels, magnitude_bit_counts, square_sum_of_levels
 
 
 @triton.jit
@@ -42,70 +43,43 @@ def _at(
 
 
 @triton.jit
-def _sq(
-    cent_ptr,  # pointer to the centroids
-    I: tl.constexpr,  # index, known when compiling
-):
-    """``c[I]**2``, a uniform value."""
-    c = tl.load(cent_ptr + I)
-    return c * c
-
-
-@triton.jit
 def nearest_code(
     y,  # (ROWS, COLS) float rotated coordinates
     bnd_ptr,  # pointer to the 2**BITS - 1 ascending boundaries b (antisymmetric: b[2**BITS - 2 - i] = -b[i])
-    cent_ptr,  # pointer to the 2**BITS centroids c (antisymmetric: c[2**BITS - 1 - k] = -c[k])
     BITS: tl.constexpr,  # bits per code
     unit,  # (ROWS, 1) or scalar > 0: y is in units of 1 / unit (it is compared with b * unit)
 ):
-    """``(k, c[k]**2)`` with ``k = #{i : y / unit >= b[i]}``. Up to 4 bits the codebook's symmetry halves the search:
+    """``k = #{i : y / unit >= b[i]}``. Up to 4 bits the codebook's symmetry halves the search:
     with ``H = 2**(BITS-1)`` and ``b[H-1] = 0``, the magnitude index ``j = #{t < H-1 : |y| >= b[H+t]}`` is found
     by a binary search of ``BITS - 1`` compares (each picks its boundary from registers by selects on the bits
-    already decided), then ``k = H + j`` for ``y >= 0`` and ``k = H - 1 - j`` below (the mirror boundaries), and
-    ``c[k]**2 = c[H+j]**2`` by a tree of selects on the same bits. The compares are "not below", so NaN
-    sets every bit and gets ``k = 0``, as ``#{i : NaN >= b[i]} = 0``. (A coordinate exactly on a negative
-    boundary ``-b`` gets the lower code, where counting gives the upper one: an exact tie either way.)
+    already decided), then ``k = H + j`` for ``y >= 0`` and ``k = H - 1 - j`` below (the mirror boundaries). The
+    compares are "not below", so NaN sets every bit and gets ``k = 0``, as ``#{i : NaN >= b[i]} = 0``. (A
+    coordinate exactly on a negative boundary ``-b`` gets the lower code, where counting gives the upper one: an
+    exact tie either way.)
     Wider codes count by a binary search over the table (BITS dependent reads)."""
     if BITS <= 4:
         H: tl.constexpr = 1 << (BITS - 1)
         m = tl.abs(y)
         up = y >= 0
-        if BITS == 1:
-            j = tl.zeros(y.shape, dtype=tl.int32)
-            sq = tl.full(y.shape, 1.0, y.dtype) * _sq(cent_ptr, 1)
-        else:
-            # bit of weight 2**(BITS-2): |y| >= b[H + 2**(BITS-2) - 1]
+        j = tl.zeros(y.shape, dtype=tl.int32)
+        if BITS >= 2:  # bit of weight 2**(BITS-2): |y| >= b[H + 2**(BITS-2) - 1]
             p0 = (m < _at(bnd_ptr, H + (1 << (BITS - 2)) - 1, unit)) == 0
-            j = p0.to(tl.int32) << (BITS - 2)
-            if BITS == 2:
-                sq = tl.where(p0, _sq(cent_ptr, 3), _sq(cent_ptr, 2))
-            if BITS >= 3:  # weight 2**(BITS-3): against b[H + j + 2**(BITS-3) - 1]
-                e: tl.constexpr = 1 << (BITS - 3)
-                p1 = (m < tl.where(p0, _at(bnd_ptr, H + 2 * e + e - 1, unit), _at(bnd_ptr, H + e - 1, unit))) == 0
-                j += p1.to(tl.int32) << (BITS - 3)
-            if BITS == 3:
-                sq = tl.where(p0, tl.where(p1, _sq(cent_ptr, 7), _sq(cent_ptr, 6)),
-                              tl.where(p1, _sq(cent_ptr, 5), _sq(cent_ptr, 4)))
-            if BITS == 4:  # weight 1: against b[8 + j], j = 0, 2, 4, 6
-                b_lo = tl.where(p1, _at(bnd_ptr, 10, unit), _at(bnd_ptr, 8, unit))
-                b_hi = tl.where(p1, _at(bnd_ptr, 14, unit), _at(bnd_ptr, 12, unit))
-                p2 = (m < tl.where(p0, b_hi, b_lo)) == 0
-                j += p2.to(tl.int32)
-                sq_lo = tl.where(p1, tl.where(p2, _sq(cent_ptr, 11), _sq(cent_ptr, 10)),
-                                 tl.where(p2, _sq(cent_ptr, 9), _sq(cent_ptr, 8)))
-                sq_hi = tl.where(p1, tl.where(p2, _sq(cent_ptr, 15), _sq(cent_ptr, 14)),
-                                 tl.where(p2, _sq(cent_ptr, 13), _sq(cent_ptr, 12)))
-                sq = tl.where(p0, sq_hi, sq_lo)
+            j += p0.to(tl.int32) << (BITS - 2)
+        if BITS >= 3:  # weight 2**(BITS-3): against b[H + j + 2**(BITS-3) - 1]
+            e: tl.constexpr = 1 << (BITS - 3)
+            p1 = (m < tl.where(p0, _at(bnd_ptr, H + 2 * e + e - 1, unit), _at(bnd_ptr, H + e - 1, unit))) == 0
+            j += p1.to(tl.int32) << (BITS - 3)
+        if BITS == 4:  # weight 1: against b[8 + j], j = 0, 2, 4, 6
+            b_lo = tl.where(p1, _at(bnd_ptr, 10, unit), _at(bnd_ptr, 8, unit))
+            b_hi = tl.where(p1, _at(bnd_ptr, 14, unit), _at(bnd_ptr, 12, unit))
+            j += ((m < tl.where(p0, b_hi, b_lo)) == 0).to(tl.int32)
         code = tl.where(up, H + j, H - 1 - j)
     else:
         code = tl.zeros(y.shape, dtype=tl.int32)
         for t in tl.static_range(BITS):
             cand = code + (1 << (BITS - 1 - t))  # in 1 .. 2**BITS - 1: always a valid boundary index + 1
             code = tl.where(y >= tl.load(bnd_ptr + cand - 1) * unit, cand, code)
-        level = tl.load(cent_ptr + code)
-        sq = level * level
-    return code, sq
+    return code
 
 
 @triton.jit
@@ -206,6 +180,7 @@ def quantize_kernel(
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16) (QJL only)
     INTERLEAVED: tl.constexpr,  # write the codes in the interleaved packing (BITS 2..4, d and BLOCK_C multiples
     # of 32)
+    POPC: tl.constexpr,  # norm correction counts bits with the GPU's popc (libdevice); else with integer operations
 ):
     codes_ptr, norms_ptr, raw_norms_ptr, signs_ptr, res_norms_ptr = out
     rot_ptr, bnd_ptr, cent_ptr, proj_ptr = tables
@@ -250,7 +225,9 @@ def quantize_kernel(
     mcols = tl.arange(0, BLOCK_M)
     sketch = tl.zeros((BLOCK_N, BLOCK_M), dtype=CDT)
     res_sq = tl.zeros((BLOCK_N,), dtype=CDT)
-    cent_sq = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)
+    level_sq = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)  # c[k]**2 summed over the chunks (wider codes)
+    COUNTED: tl.constexpr = BITS >= 2 and BITS <= 4  # the norm correction counts magnitudes (`square_sum_of_levels`)
+    counts = ()  # COUNTED: `magnitude_bit_counts` summed over the chunks
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         cc = c0 + tile_coordinates(BLOCK_C, TRANSPOSED)  # the coordinate of each column of the chunk
         if SPLIT:
@@ -264,16 +241,18 @@ def quantize_kernel(
         else:
             y = tl.dot(u, tl.load(rot_ptr + cols[:, None] * BLOCK_D + cc[None, :]), input_precision=DOT_PRECISION)
         valid = (cc < d)[None, :]
-        code, sq = nearest_code(y, bnd_ptr, cent_ptr, BITS, unit)
-        if d < BLOCK_D:  # padding columns: code 0, no level
+        code = nearest_code(y, bnd_ptr, BITS, unit)
+        if d < BLOCK_D:  # padding columns: code 0
             code = tl.where(valid, code, 0)
-            sq = tl.where(valid, sq, 0.0)
         if INTERLEAVED:
             store_interleaved(code_rows, put, code, c0 // 32, d // 32, BITS, BLOCK_N, BLOCK_C, TRANSPOSED)
         else:
             store_codes(code_rows, put, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C, TRANSPOSED)
-        if NORM_CORRECTION:
-            cent_sq += sq
+        if NORM_CORRECTION and COUNTED:
+            counts = add_counts(counts, magnitude_bit_counts(code, BITS, BLOCK_N, BLOCK_C, TRANSPOSED, POPC))
+        elif NORM_CORRECTION:
+            level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
+            level_sq += level * level
         if QJL:
             level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
             diff = tl.where(valid, y / unit - level, 0.0)
@@ -285,7 +264,10 @@ def quantize_kernel(
     if NORM_CORRECTION:
         if not SLOTS:
             tl.store(raw_norms_ptr + rows, s, mask=row_ok)
-        stored = s / exact_sqrt(tl.sum(cent_sq, axis=1))
+        if COUNTED:
+            stored = s / exact_sqrt(square_sum_of_levels(counts, d, BLOCK_D - d, cent_ptr, BITS))
+        else:
+            stored = s / exact_sqrt(tl.sum(level_sq, axis=1))
     if NORM_MAX > 0:  # unchecked calls: Inf, where a cast to the norm dtype would round down to its max
         stored = tl.where(stored > NORM_MAX, float("inf"), stored)
     tl.store(norms_ptr + norm_at, _as_stored(stored, norms_ptr), mask=put)

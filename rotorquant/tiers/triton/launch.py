@@ -204,7 +204,7 @@ def quantize(
             NORM_CORRECTION=spec.norm_correction, SQUARES_FIT=rows.dtype == torch.float16,
             NORM_MAX=float(torch.finfo(NORM_DTYPES[spec.norm_dtype]).max) if cap_norms else 0.0,
             SLOTS=into is not None, SLOT_INDEX=tl.int64 if wide else tl.int32, BLOCK_N=block_n, BLOCK_D=tab.block_d,
-            BLOCK_C=block_c, TRANSPOSED=transposed, BLOCK_M=tab.block_m, INTERLEAVED=interleaved,
+            BLOCK_C=block_c, TRANSPOSED=transposed, BLOCK_M=tab.block_m, INTERLEAVED=interleaved, POPC=not INTERPRETING,
             num_warps=config.quantize_warps or warps,
             **_FUSED,
         )  # fmt: skip
