@@ -9,8 +9,8 @@ The tier's real launches for the GPU benchmark's settings are recorded instead o
 ahead of time for sm_90 with the same constexprs, and disassembled with Triton's nvdisasm:
 
 - `rotorquant.kernels.attention.attention_split_kernel` (batch 8, 32 query heads, 8 KV heads,
-  float16 queries, K and V at the same bits and packing, at each head dim d). The key loop is the body
-  between the label and the backward branch of the longest loop; one pass handles ``BLOCK_N`` keys x
+  float16 queries, K and V at the same bits and packing, at each head dim d). The key loop is the loop over
+  the key blocks every query row sees whole (`loop_body`); one pass handles ``BLOCK_N`` keys x
   d coordinates of K and of V, so ``per code = loop instructions x threads / (2 x BLOCK_N x d)`` is
   what each unpacked code costs in issued instructions.
 - `rotorquant.kernels.quantize.quantize_kernel` (16384 float16 vectors, d = 128, 3 bits): the
@@ -154,15 +154,18 @@ def kernel_body(sass: str) -> list[str]:
 
 
 def loop_body(sass: str) -> list[str]:
-    """Instructions between the label of the longest backward branch and that branch."""
+    """The key loop: of the loops (instructions between a backward branch's label and the branch) with the most
+    tensor-core instructions, the shortest, which is the pass over key blocks that every query row sees whole
+    (the masked pass after it runs only a split's last, partial block at decode)."""
     lines = sass.splitlines()
     labels = {line[:-1]: i for i, line in enumerate(lines) if re.fullmatch(r"\w+:", line)}
-    best: list[str] = []
+    loops = []
     for i, line in enumerate(lines):
         m = re.search(r"BRA (\w+);", line)
-        if m and m.group(1) in labels and labels[m.group(1)] < i and i - labels[m.group(1)] > len(best):
-            best = [x for x in lines[labels[m.group(1)] + 1 : i + 1] if ";" in x]
-    return best
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            loops.append([x for x in lines[labels[m.group(1)] + 1 : i + 1] if ";" in x])
+    mma = max(sum(opcode(x) in ("HMMA", "HGMMA") for x in body) for body in loops)
+    return min((body for body in loops if sum(opcode(x) in ("HMMA", "HGMMA") for x in body) == mma), key=len)
 
 
 def opcode(line: str) -> str:

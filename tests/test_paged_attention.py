@@ -153,6 +153,25 @@ def test_triton_reads_blocks_stored_token_major_in_place(tier):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tier", TRITON, ids=lambda t: t.name)
+def test_triton_int64_key_offsets(tier, causal):
+    """Caches whose key offsets pass 2**31 elements read keys through int64 offsets: that path, forced on small
+    caches (`LaunchConfig.int32_offsets`), gives exactly what the int32 path gives, paged or not, over keys
+    that fill whole blocks of a split and keys that fill part of one."""
+    kp, vp, lk, lv, pk, pv, table, q = _setup(tier, seed=3)
+    rng = np.random.default_rng(3)
+    long = [tier.code(ref.quantize(rng.standard_normal((BATCH, 2, 70, 32)), p), "float32") for p in (kp, vp)]
+    logical = [tier.code(lk, "float32"), tier.code(lv, "float32")]
+    paged = [tier.code(pk, "float32"), tier.code(pv, "float32")]
+    cases = ((long, None, [70, 45]), (logical, None, LENGTHS), (paged, _on(tier, table), LENGTHS))
+    for codes, block_table, lengths in cases:  # 70 keys: whole blocks of 16 (the interpreter's) in each split
+        kw = dict(scale=None, lengths=_on(tier, np.array(lengths)), splits=2, causal=causal, block_table=block_table)
+        narrow = split_attention(_q(tier, q), *codes, kp, vp, **kw)
+        wide = split_attention(_q(tier, q), *codes, kp, vp, int32_offsets=0, **kw)
+        assert torch.equal(wide, narrow) and torch.isfinite(narrow).all()
+
+
 def test_gather_pages_is_the_reference_layout():
     """`paging.gather_pages` puts key ``n`` of sequence ``b`` where the table says (checked key by key, every field)."""
     from rotorquant.engine import paging

@@ -121,9 +121,10 @@ TIERS = _discover()
 TORCH_TIERS = [t for t in TIERS if t.name.startswith("torch")]
 
 
-def split_attention(q, k_code, v_code, kp, vp, *, scale, lengths, splits, causal=False, block_table=None):
+def split_attention(q, k_code, v_code, kp, vp, *, scale, lengths, splits, causal=False, block_table=None,
+                    int32_offsets=2**31 - 1):  # fmt: skip
     """The Triton tier's checked attention with the number of key splits forced
-    (`rotorquant.tiers.triton.launch.LaunchConfig.splits`)."""
+    (`rotorquant.tiers.triton.launch.LaunchConfig.splits`; ``int32_offsets`` as that config takes it)."""
     from rotorquant.engine import attention as engine_attention
     from rotorquant.tiers import triton as tt
     from rotorquant.tiers.triton import launch
@@ -134,5 +135,5 @@ def split_attention(q, k_code, v_code, kp, vp, *, scale, lengths, splits, causal
     )  # fmt: skip
     return launch.attention(
         r.q, r.k_code, r.v_code, kp, vp, scale=r.scale, lengths=r.lengths, causal=r.causal, table=r.table,
-        config=launch.LaunchConfig(splits=splits),
+        config=launch.LaunchConfig(splits=splits, int32_offsets=int32_offsets),
     )  # fmt: skip

@@ -4,10 +4,12 @@ Pass 0, `attention_query_kernel`: each query row is rotated into K's domain and 
 product with a table the host scales once per (spec, scale): ``q' = q @ (f R_K^T)`` and, with K's QJL,
 ``(S q)' = q @ (f sqrt(pi/2)/m_K S_K^T)``, ``f = scale * log2(e)``.
 
-Pass 1, `attention_split_kernel`: program ``(bh, split, row block)`` walks the keys of one
-split in blocks of ``BLOCK_N`` with an online softmax in base 2. Queries arrive rotated and
-pre-scaled, ``q' = scale * log2(e) * Rot_K(q)`` (plus the QJL sketch ``scale * log2(e) *
-sqrt(pi/2)/m_K * S_K q``), so a key's logit is
+Pass 1, `attention_split_kernel`: program ``(bh, split, row block)`` walks the keys of one split in blocks
+of ``BLOCK_N`` with an online softmax in base 2. One loop body runs twice: first, without masks, over the
+blocks whose keys every query row sees; then, with masks, over the rest (a split's last, partial block, and
+with ``CAUSAL`` the blocks that some rows see only in part). Queries arrive rotated and pre-scaled,
+``q' = scale * log2(e) * Rot_K(q)`` (plus the QJL sketch ``scale * log2(e) * sqrt(pi/2)/m_K * S_K q``), so a
+key's logit is
 
     t_n = s_n * (q' . c[k_n]) + rho_n * (S q)' . z_n
 
@@ -19,12 +21,12 @@ Values stay in V's rotated domain: the split accumulates ``sum_n p_n v_n c[k_n]`
 ``sum_n p_n rho_n z_n`` (V's norms ``v_n``, residual norms ``rho_n``, signs ``z_n``), with the
 running max ``mx`` and denominator ``l``.
 
-The loop is bound by the instructions that unpack codes, so everything else is taken out of it: the
-split's largest value norm ``v_big`` (and residual norm) is found by a pass over the split's norms
-before the loop, so the value weights ``p_n v_n / v_big`` need no per-block max; without K's QJL
-the logits are kept in units of the query row's max ``|q'|`` (``q_max``, out of the products), so a
-logit costs one multiply by ``s_n`` and the exponent one FMA, ``t q_max - mx q_max``; the denominator
-is summed per key and reduced after the loop, and the value products accumulate in place. Codes in
+The loop is bound by the instructions that unpack codes, so everything else is taken out of it: key offsets
+are int32 where every one fits (``KEY_INDEX``); the split's largest value norm ``v_big`` (and residual norm)
+is found by a pass over the split's norms before the loop, so the value weights ``p_n v_n / v_big`` need no
+per-block max; without K's QJL the logits are kept in units of the query row's max ``|q'|`` (``q_max``, out of
+the products), so a logit costs one multiply by ``s_n`` and the exponent one FMA, ``t q_max - mx q_max``; the
+denominator is summed per key and reduced after the loop, and the value products accumulate in place. Codes in
 the interleaved packing become float16 levels by byte-permute lookups (`rotorquant.kernels.levels`).
 
 Pass 2, `attention_combine_kernel`: merges the splits (weights ``2^(mx_s - max)``), divides by
@@ -145,25 +147,26 @@ def _key_slots(
     table,  # paged: (table_ptr, row stride, num_blocks) of sequence b's block table row
     b,  # int64 sequence index
     PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
+    INDEX: tl.constexpr,  # tl.int32 when every field offset outer * s_b + n * s_n fits it, else tl.int64
 ):
     """``(outer, n, bad)``: key ``keys[i]`` lies at ``outer * s_b + n * s_n`` past its head's row, ``outer`` a
-    block id (paged: key n is slot ``n % PAGE`` of block ``table[b, n // PAGE]``) or 0, and ``bad`` marks the
-    keys whose block id is out of range (block 0 is read in their place)."""
+    block id (paged: key n is slot ``n % PAGE`` of block ``table[b, n // PAGE]``) or 0, both in ``INDEX``, and
+    ``bad`` marks the keys whose block id is out of range (block 0 is read in their place)."""
     if PAGE:
         table_ptr, row_stride, num_blocks = table
         blk = tl.load(table_ptr + b * row_stride + keys // PAGE, mask=k_ok, other=0)
         blk_ok = (blk >= 0) & (blk < num_blocks)
-        return tl.where(blk_ok, blk, 0).to(tl.int64), (keys % PAGE).to(tl.int64), k_ok & ~blk_ok
+        return tl.where(blk_ok, blk, 0).to(INDEX), (keys % PAGE).to(INDEX), k_ok & ~blk_ok
     else:
-        return tl.zeros_like(keys).to(tl.int64), keys.to(tl.int64), keys < 0
+        return tl.zeros_like(keys).to(INDEX), keys.to(INDEX), keys < 0
 
 
 @triton.jit
 def _levels_at(
     rows,  # (codes, norms, signs, res_norms) pointers at one head (`_field_rows`)
     strides,  # the fields' (batch, head, key) strides
-    outer,  # (BLOCK_N,) int64 block of each key (0 unless paged)
-    n,  # (BLOCK_N,) int64 key (or slot) index
+    outer,  # (BLOCK_N,) block of each key (0 unless paged), int32 or int64 (`_key_slots`)
+    n,  # (BLOCK_N,) key (or slot) index, as outer
     k_ok,  # (BLOCK_N,) bool: which keys exist
     cent_ptr,  # (2**BITS,) CDT centroids
     tables,  # INTERLEAVED with float16 DOT_DTYPE: the centroids' byte tables (`byte_tables`); else None
@@ -212,6 +215,7 @@ def _split_max(
     b,  # int64 sequence index
     QJL: tl.constexpr,  # values carry a QJL sketch (also find the largest residual norm)
     PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
+    INDEX: tl.constexpr,  # dtype of the key offsets (`_key_slots`)
     CDT: tl.constexpr,  # compute dtype
     BLOCK_N: tl.constexpr,  # keys per step
 ):
@@ -223,7 +227,7 @@ def _split_max(
     for n0 in range(start, end, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         k_ok = keys < end
-        outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE)  # bad ids: counted by the main loop
+        outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE, INDEX)  # bad ids: counted by the main loop
         v_big = tl.maximum(v_big, tl.load(norms + outer * strides[3] + n * strides[5], mask=k_ok, other=0.0).to(CDT))
         if QJL:
             r_big = tl.maximum(r_big, tl.load(res + outer * strides[9] + n * strides[11], mask=k_ok, other=0.0).to(CDT))
@@ -268,6 +272,7 @@ def attention_split_kernel(
     PRMT: tl.constexpr,  # interleaved float16 levels by inline prmt.b32 (a GPU); else by integer operations
     CAUSAL: tl.constexpr,  # query t sees only the first length - (q_len - 1 - t) keys
     PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
+    KEY_INDEX: tl.constexpr,  # tl.int32 when every key's field offsets within its head's rows fit it, else tl.int64
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_DTYPE: tl.constexpr,  # tl.float16 (half-precision queries) or CDT: operand dtype of the tl.dots
     DOT_PRECISION: tl.constexpr,  # input_precision of float32 dots ("tf32x3" or "ieee"); ignored for float16
@@ -317,7 +322,7 @@ def attention_split_kernel(
         v_tables = byte_tables(v_cache[4], V_BITS)
     else:
         v_tables = None
-    v_big, r_big = _split_max(v_rows, v_strides, start, end, table, b, V_QJL, PAGE, CDT, BLOCK_N)
+    v_big, r_big = _split_max(v_rows, v_strides, start, end, table, b, V_QJL, PAGE, KEY_INDEX, CDT, BLOCK_N)
     v_inv, r_inv = 1.0 / v_big, 1.0 / r_big
     # logits t are kept in units of t_scale per row: without K's QJL the query's max |q'| stays out of the
     # products (the logit is t * q_max), with it both terms are scaled in full (t_scale = 1)
@@ -330,45 +335,49 @@ def attention_split_kernel(
     l_keys = tl.zeros((BLOCK_Q, BLOCK_N), dtype=CDT)  # the denominator, per key column; summed after the loop
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=CDT)
     accq = tl.zeros((BLOCK_Q, BLOCK_MV), dtype=CDT)
-    for n0 in range(start, end, BLOCK_N):
-        keys = n0 + tl.arange(0, BLOCK_N)
-        k_ok = keys < end
-        outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE)
-        bad_ids += bad.to(tl.int32)
-        # logits of this key block (base 2, in units of t_scale)
-        level, kn, z, rho = _levels_at(
-            k_rows, k_strides, outer, n, k_ok, k_cache[4], k_tables, dk, mk, K_BITS, K_QJL, K_INTERLEAVED, PRMT,
-            CDT, DOT_DTYPE, BLOCK_N, BLOCK_DK, BLOCK_MK, K_WORDS,
-        )  # fmt: skip
-        t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * kn[None, :]
-        if K_QJL:
-            sketch = tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION)
-            t = t * q_max[:, None] + sketch * sk_max[:, None] * rho[None, :]
-        if CAUSAL:
-            t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
-        else:
-            t = tl.where(k_ok[None, :], t, float("-inf"))
-        # online softmax; with CAUSAL a row that has seen no key yet keeps mx = -inf and weight 0 (without
-        # it every block holds a key below `end` for every row)
-        mx_new = tl.maximum(mx, tl.max(t, axis=1))
-        if CAUSAL:
-            ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
-        else:
-            ref = mx_new
-        alpha = tl.exp2((mx - ref) * t_scale)
-        p = tl.exp2(t * t_scale[:, None] - (ref * t_scale)[:, None])
-        l_keys = l_keys * alpha[:, None] + p
-        mx = mx_new
-        # values, in V's rotated domain, weighted by p v / v_big (and p rho / r_big) in [0, 1]
-        vlevel, vn, vz, vrho = _levels_at(
-            v_rows, v_strides, outer, n, k_ok, v_cache[4], v_tables, dv, mv, V_BITS, V_QJL, V_INTERLEAVED, PRMT,
-            CDT, DOT_DTYPE, BLOCK_N, BLOCK_DV, BLOCK_MV, V_WORDS,
-        )  # fmt: skip
-        pv = (p * (vn * v_inv)[None, :]).to(DOT_DTYPE)
-        acc = tl.dot(pv, vlevel, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        if V_QJL:
-            pr = (p * (vrho * r_inv)[None, :]).to(DOT_DTYPE)
-            accq = tl.dot(pr, vz, accq * alpha[:, None], input_precision=DOT_PRECISION)
+    # blocks whose keys every row sees need no masks: the first pass runs them, the second the rest
+    seen = tl.minimum(end, length - (q_len - 1)) if CAUSAL else end  # keys every row sees
+    unmasked_end = start + tl.maximum(seen - start, 0) // BLOCK_N * BLOCK_N
+    for MASKED in tl.static_range(2):
+        for n0 in range(unmasked_end if MASKED else start, end if MASKED else unmasked_end, BLOCK_N):
+            keys = n0 + tl.arange(0, BLOCK_N)
+            k_ok = keys < end if MASKED else tl.full((BLOCK_N,), True, tl.int1)
+            outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE, KEY_INDEX)
+            bad_ids += bad.to(tl.int32)
+            # logits of this key block (base 2, in units of t_scale)
+            level, kn, z, rho = _levels_at(
+                k_rows, k_strides, outer, n, k_ok, k_cache[4], k_tables, dk, mk, K_BITS, K_QJL, K_INTERLEAVED, PRMT,
+                CDT, DOT_DTYPE, BLOCK_N, BLOCK_DK, BLOCK_MK, K_WORDS,
+            )  # fmt: skip
+            t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * kn[None, :]
+            if K_QJL:
+                sketch = tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION)
+                t = t * q_max[:, None] + sketch * sk_max[:, None] * rho[None, :]
+            if MASKED and CAUSAL:
+                t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
+            elif MASKED:
+                t = tl.where(k_ok[None, :], t, float("-inf"))
+            # online softmax; with CAUSAL a row that has seen no key yet keeps mx = -inf and weight 0 (without
+            # it every block holds a key below `end` for every row)
+            mx_new = tl.maximum(mx, tl.max(t, axis=1))
+            if CAUSAL:
+                ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+            else:
+                ref = mx_new
+            alpha = tl.exp2((mx - ref) * t_scale)
+            p = tl.exp2(t * t_scale[:, None] - (ref * t_scale)[:, None])
+            l_keys = l_keys * alpha[:, None] + p
+            mx = mx_new
+            # values, in V's rotated domain, weighted by p v / v_big (and p rho / r_big) in [0, 1]
+            vlevel, vn, vz, vrho = _levels_at(
+                v_rows, v_strides, outer, n, k_ok, v_cache[4], v_tables, dv, mv, V_BITS, V_QJL, V_INTERLEAVED, PRMT,
+                CDT, DOT_DTYPE, BLOCK_N, BLOCK_DV, BLOCK_MV, V_WORDS,
+            )  # fmt: skip
+            pv = (p * (vn * v_inv)[None, :]).to(DOT_DTYPE)
+            acc = tl.dot(pv, vlevel, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            if V_QJL:
+                pr = (p * (vrho * r_inv)[None, :]).to(DOT_DTYPE)
+                accq = tl.dot(pr, vz, accq * alpha[:, None], input_precision=DOT_PRECISION)
     acc = acc * v_big
     accq = accq * r_big
     mx = mx * t_scale

@@ -70,6 +70,10 @@ class LaunchConfig:
 
     Appending:
         int32_entries: caches with more entries than this unravel slots in int64 (tests lower it).
+
+    Reading:
+        int32_offsets: attention offsets a key's fields within its head's rows (paged: within the pool) in
+            int32 when every offset, in elements, is at most this, else in int64 (tests lower it).
     """
 
     quantize_block_n: int | None = None
@@ -82,6 +86,7 @@ class LaunchConfig:
     splits: int | None = None
     multiprocessors: int | None = None
     int32_entries: int = 2**31 - 1
+    int32_offsets: int = 2**31 - 1
 
     def __post_init__(self):
         powers = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_block_n", "attention_warps"}
@@ -90,7 +95,7 @@ class LaunchConfig:
             name, value = f.name, getattr(self, f.name)
             if name in optional and value is None:
                 continue
-            low = 0 if name == "int32_entries" else 1
+            low = 0 if name in ("int32_entries", "int32_offsets") else 1
             power = name in powers
             if isinstance(value, bool) or not isinstance(value, int) or value < low or (power and value & (value - 1)):
                 kind = "a power of two" if power else f"an int >= {low}"
@@ -391,6 +396,10 @@ def attention(
     accq = new((bh, splits, rows, tv.block_m)) if vspec.qjl else acc
     k_fields, v_fields = payload(k_code), payload(v_code)
     paged = (lengths, 0, 1) if table is None else (table, table.stride(0), k_code.shape[0])
+    # a bound on the offsets of a key's fields past its head's row: key * key stride (masked keys of a split's last
+    # block included), paged block id * block stride + slot * key stride
+    reach = max((paged[2] - 1) * t.stride(0) + (kv_len + block_n if table is None else page) * t.stride(2)
+                for t in (*k_fields, *v_fields))  # fmt: skip
     stages = {} if INTERPRETING else {"num_stages": config.attention_stages}
     attention_split_kernel[(bh, splits, row_blocks)](
         (q_rot, q_sk),
@@ -401,6 +410,7 @@ def attention(
         dv=vspec.dim, mk=kspec.qjl_dim, mv=vspec.qjl_dim, K_BITS=kspec.mse_bits, V_BITS=vspec.mse_bits,
         K_QJL=kspec.qjl, V_QJL=vspec.qjl, K_INTERLEAVED=kspec.packing is Packing.INTERLEAVED,
         V_INTERLEAVED=vspec.packing is Packing.INTERLEAVED, PRMT=not INTERPRETING, CAUSAL=causal, PAGE=page,
+        KEY_INDEX=tl.int32 if reach <= config.int32_offsets else tl.int64,
         DOT_DTYPE=tl.float16 if half else kernel_dtypes(compute)["CDT"],
         **kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
         BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=word_aligned(k_fields[0], k_fields[2]),
