@@ -233,7 +233,6 @@ def load_signs(
     return mma_operand(tl.where(j < m, 2.0 * bit.to(DTYPE) - 1.0, 0.0).to(DTYPE))
 
 
-
 @triton.jit
 def set_bits(
     w,  # (..) uint32 words
@@ -247,7 +246,6 @@ def set_bits(
         w = (w & 0x33333333) + ((w >> 2) & 0x33333333)
         w = (w + (w >> 4)) & 0x0F0F0F0F
         return ((w * 0x01010101) >> 24).to(tl.int32)
-
 
 
 @triton.jit

@@ -225,7 +225,7 @@ def quantize_kernel(
     mcols = tl.arange(0, BLOCK_M)
     sketch = tl.zeros((BLOCK_N, BLOCK_M), dtype=CDT)
     res_sq = tl.zeros((BLOCK_N,), dtype=CDT)
-    level_sq = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)  # c[k]**2 summed over the chunks (wider codes)
+    level_sq = tl.zeros((BLOCK_N, BLOCK_C), dtype=CDT)  # not COUNTED (1 bit, 5 to 8 bits): c[k]**2 over the chunks
     COUNTED: tl.constexpr = BITS >= 2 and BITS <= 4  # the norm correction counts magnitudes (`square_sum_of_levels`)
     counts = ()  # COUNTED: `magnitude_bit_counts` summed over the chunks
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
