@@ -286,16 +286,19 @@ def attention_sweep(n: int, batch: int, q_heads: int, kv_heads: int, dim: int, b
     lens = torch.full((batch,), n, dtype=torch.int32, device=DEVICE)
     scale = dim**-0.5
     print(f"\n## sweep: attention launch configurations, context {n} (GPU us, graph)")
-    print("BLOCK_N | num_warps | num_stages | programs/SM | GPU us")
-    configs = [(64, 8, 2, 4), (32, 4, 2, 4), (32, 4, 2, 8), (16, 4, 2, 8), (32, 8, 2, 4), (64, 8, 1, 4),
-               (64, 8, 3, 4), (64, 8, 2, 8), (128, 8, 2, 4)]  # fmt: skip
-    for block_n, warps, stages, per_sm in configs:
-        config = launch.LaunchConfig(attention_block_n=block_n, attention_warps=warps, attention_stages=stages, programs_per_sm=per_sm)
+    print("sub-splits | keys per step of a sub-split | num_warps | num_stages | programs/SM | GPU us")
+    # the first is the default at this shape (4 query rows per KV head: four sub-splits), the second the default
+    # without sub-splits
+    configs = [(4, 64, 4, 2, 4), (1, 128, 8, 2, 4), (4, 64, 4, 1, 4), (4, 64, 4, 3, 4), (4, 64, 4, 2, 8),
+               (4, 32, 4, 2, 8), (4, 128, 8, 2, 4), (2, 64, 4, 2, 4), (1, 64, 8, 2, 8)]  # fmt: skip
+    for subsplits, block_n, warps, stages, per_sm in configs:
+        config = launch.LaunchConfig(attention_subsplits=subsplits, attention_block_n=block_n, attention_warps=warps,
+                                     attention_stages=stages, programs_per_sm=per_sm)  # fmt: skip
         t = graph_us(
             lambda: launch.attention(q, k_code, v_code, kp, vp, scale=scale, lengths=lens, config=config),
             reps=7,
         )
-        print(f"{block_n} | {warps} | {stages} | {per_sm} | {t:.1f}")  # nan: failed (reason printed above)
+        print(f"{subsplits} | {block_n} | {warps} | {stages} | {per_sm} | {t:.1f}")  # nan: failed (reason printed above)
 
 
 def main() -> None:

@@ -499,14 +499,15 @@ def _as_reference_code(code, params):
 @needs_kernels
 @pytest.mark.parametrize("splits", [1, 6])
 def test_attention_causal_with_rows_that_see_no_key_of_a_split(splits):
-    """causal=True, 3 queries per sequence. Under the interpreter keys come in blocks of 16, so with
-    length 17 and 6 splits the second split holds key 16 alone: hidden from queries 0 and 1 (their rows
-    see no key of that split), seen by query 2."""
+    """causal=True, 3 queries per sequence, 6 query rows per KV head. Under the interpreter a program's rows
+    carry two sub-splits and keys come in blocks of 2 x 16, so with length 33 and 6 splits the second split
+    holds key 32 alone, in its first sub-split: hidden from queries 0 and 1 (their rows see no key of that
+    split), seen by query 2; the second sub-split's rows see no key at all."""
     kp, vp = _spec(dim=40, bits=3), _spec(dim=40, bits=2, seed=4, qjl=True)
     q = _data((2, 4, 3, 40), seed=50)
     k_code = tt.quantize(_data((2, 2, 90, 40), seed=51), kp)
     v_code = tt.quantize(_data((2, 2, 90, 40), seed=52), vp)
-    lengths = torch.tensor([90, 17])
+    lengths = torch.tensor([90, 33])
     got = _split_attention(q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=True, splits=splits)
     k_ref, v_ref = _as_reference_code(k_code, kp), _as_reference_code(v_code, vp)
     want = ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy(), causal=True)
@@ -515,6 +516,28 @@ def test_attention_causal_with_rows_that_see_no_key_of_a_split(splits):
     everything = _split_attention(q, k_code, v_code, kp, vp, scale=None, lengths=None, causal=True, splits=splits)
     want = ref.attention(_np(q), k_ref, v_ref, kp, vp, causal=True)  # all 90 keys, the 3 queries the last 3
     np.testing.assert_allclose(_np(everything), want, atol=2e-5 * np.abs(want).max())
+
+
+@needs_kernels
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("q_heads, q_len", [(2, 1), (6, 1), (4, 2), (2, 5), (20, 1)])
+def test_attention_subsplits_in_the_rows_of_a_program(q_heads, q_len, causal):
+    """With R = q_heads / 2 * q_len query rows per KV head, a program's 16 rows carry the largest power of two
+    <= min(4, 16 / R) sub-splits (R = 1, 3, 4: four; R = 5: two; R = 10: one). Each sub-split reads its own
+    sub-block of every key block; lengths 70 and 5 leave sub-splits with keys in no block, or in none of a
+    block. Packed or not (``attention_subsplits=1``), the result is the reference's."""
+    kp, vp = _spec(dim=32, bits=2, qjl=True, seed=5), _spec(dim=32, bits=3, qjl=True, seed=6)
+    q = _data((2, q_heads, q_len, 32), seed=60)
+    k_code = tt.quantize(_data((2, 2, 70, 32), seed=61), kp)
+    v_code = tt.quantize(_data((2, 2, 70, 32), seed=62), vp)
+    lengths = torch.tensor([70, max(5, q_len)])
+    k_ref, v_ref = _as_reference_code(k_code, kp), _as_reference_code(v_code, vp)
+    want = ref.attention(_np(q), k_ref, v_ref, kp, vp, lengths=lengths.numpy(), causal=causal)
+    for subsplits in (4, 1):
+        got = _split_attention(
+            q, k_code, v_code, kp, vp, scale=None, lengths=lengths, causal=causal, splits=2, subsplits=subsplits
+        )
+        np.testing.assert_allclose(_np(got), want, atol=2e-5 * np.abs(want).max())
 
 
 @needs_kernels
@@ -822,7 +845,8 @@ def test_kernels_compile_for_a_gpu(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(attention_block_n=96), r"LaunchConfig.attention_block_n: expected a power of two, got 96"),
+        (dict(attention_block_n=96), r"LaunchConfig.attention_block_n: expected a power of two or None, got 96"),
+        (dict(attention_subsplits=3), r"LaunchConfig.attention_subsplits: expected a power of two or None, got 3"),
         (dict(quantize_block_c=0), r"LaunchConfig.quantize_block_c: expected a power of two or None, got 0"),
         (dict(quantize_warps=2.0), r"LaunchConfig.quantize_warps: expected a power of two or None, got 2.0"),
         (dict(attention_stages=0), r"LaunchConfig.attention_stages: expected an int >= 1, got 0"),

@@ -122,9 +122,10 @@ TORCH_TIERS = [t for t in TIERS if t.name.startswith("torch")]
 
 
 def split_attention(q, k_code, v_code, kp, vp, *, scale, lengths, splits, causal=False, block_table=None,
-                    int32_offsets=2**31 - 1):  # fmt: skip
+                    int32_offsets=2**31 - 1, subsplits=None):  # fmt: skip
     """The Triton tier's checked attention with the number of key splits forced
-    (`rotorquant.tiers.triton.launch.LaunchConfig.splits`; ``int32_offsets`` as that config takes it)."""
+    (`rotorquant.tiers.triton.launch.LaunchConfig.splits`; ``int32_offsets`` and ``subsplits``, its
+    ``attention_subsplits``, as that config takes them)."""
     from rotorquant.engine import attention as engine_attention
     from rotorquant.tiers import triton as tt
     from rotorquant.tiers.triton import launch
@@ -135,5 +136,5 @@ def split_attention(q, k_code, v_code, kp, vp, *, scale, lengths, splits, causal
     )  # fmt: skip
     return launch.attention(
         r.q, r.k_code, r.v_code, kp, vp, scale=r.scale, lengths=r.lengths, causal=r.causal, table=r.table,
-        config=launch.LaunchConfig(splits=splits, int32_offsets=int32_offsets),
+        config=launch.LaunchConfig(splits=splits, int32_offsets=int32_offsets, attention_subsplits=subsplits),
     )  # fmt: skip

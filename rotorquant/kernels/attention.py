@@ -21,6 +21,19 @@ Values stay in V's rotated domain: the split accumulates ``sum_n p_n v_n c[k_n]`
 ``sum_n p_n rho_n z_n`` (V's norms ``v_n``, residual norms ``rho_n``, signs ``z_n``), with the
 running max ``mx`` and denominator ``l``.
 
+Sub-splits. A tensor-core product has at least 16 rows, and at decode a KV head has only ``R`` query rows (its
+group of query heads). The program's rows then carry ``SUBSPLITS = S`` sub-splits (a power of two,
+``S * R <= 16``): row ``s * R + i`` is query row ``i`` over sub-split ``s``, which reads sub-block ``s`` of
+every key block, keys ``n0 + s * B + (0 .. B - 1)`` with ``B = BLOCK_N / S``. A block's logits are one
+``(16, B)`` tile and its value sums one product per sub-block,
+
+    T = sum_s Q_s K_s^T        acc += sum_s P_s V_s
+
+with ``Q_s`` (``P_s``) the query rows (weights) in sub-split ``s``'s rows and zero in the others', ``K_s``, ``V_s``
+the sub-block's levels: the products do the work of one ``(16, BLOCK_N)`` tile, and the softmax runs on the
+``R * S`` rows that are real instead of on 16 rows of which ``R`` are. Each sub-split keeps its own ``mx``, ``l``
+and sums and is written as a partial result of its own.
+
 The loop is bound by the instructions that unpack codes, so everything else is taken out of it: key offsets
 are int32 where every one fits (``KEY_INDEX``); the split's largest value norm ``v_big`` (and residual norm)
 is found by a pass over the split's norms before the loop, so the value weights ``p_n v_n / v_big`` need no
@@ -29,9 +42,9 @@ the products), so a logit costs one multiply by ``s_n`` and the exponent one FMA
 denominator is summed per key and reduced after the loop, and the value products accumulate in place. Codes in
 the interleaved packing become float16 levels by byte-permute lookups (`rotorquant.kernels.levels`).
 
-Pass 2, `attention_combine_kernel`: merges the splits (weights ``2^(mx_s - max)``), divides by
-``l`` (NaN for a sequence whose length is out of range, which only ``validate=False`` lets through)
-and maps back to the original space once per query:
+Pass 2, `attention_combine_kernel`: merges the partial results of the splits and sub-splits (weights
+``2^(mx_s - max)``), divides by ``l`` (NaN for a sequence whose length is out of range, which only
+``validate=False`` lets through) and maps back to the original space once per query:
 
     out = (acc / l) @ R_V + sqrt(pi/2)/m_V * (acc_qjl / l) @ S_V
 
@@ -162,7 +175,7 @@ def _key_slots(
 
 
 @triton.jit
-def _levels_at(
+def _operands_at(
     rows,  # (codes, norms, signs, res_norms) pointers at one head (`_field_rows`)
     strides,  # the fields' (batch, head, key) strides
     outer,  # (BLOCK_N,) block of each key (0 unless paged), int32 or int64 (`_key_slots`)
@@ -176,16 +189,15 @@ def _levels_at(
     QJL: tl.constexpr,  # vectors carry a QJL sketch
     INTERLEAVED: tl.constexpr,  # codes in the interleaved packing (else contiguous)
     PRMT: tl.constexpr,  # INTERLEAVED float16 levels by inline prmt.b32 (a GPU); else by integer operations
-    CDT: tl.constexpr,  # compute dtype
     DOT_DTYPE: tl.constexpr,  # dtype of the levels and signs (tl.dot operands)
     BLOCK_N: tl.constexpr,  # keys
     BLOCK_D: tl.constexpr,  # power of two >= max(d, 16)
     BLOCK_M: tl.constexpr,  # power of two >= max(m, 16)
     WORDS: tl.constexpr,  # packed rows start 4-byte aligned, whole 32-bit words long
 ):
-    """``(levels (BLOCK_N, BLOCK_D), norms (BLOCK_N,), signs (BLOCK_N, BLOCK_M), residual norms (BLOCK_N,))``
-    of a block of cached vectors; the QJL pair is ``(levels, norms)`` again without QJL."""
-    codes, norms, signs, res = rows
+    """``(levels (BLOCK_N, BLOCK_D), signs (BLOCK_N, BLOCK_M))`` of a block of cached vectors, the operands of
+    the products; the levels again in place of the signs without QJL."""
+    codes, signs = rows[0], rows[2]
     code_rows = codes + outer * strides[0] + n * strides[2]
     if INTERLEAVED:
         level = load_interleaved_levels(
@@ -194,15 +206,31 @@ def _levels_at(
     else:
         code_bytes: tl.constexpr = (d * BITS + 7) // 8
         level = load_levels(code_rows, k_ok, code_bytes, cent_ptr, d, BITS, BLOCK_N, BLOCK_D, DOT_DTYPE, WORDS)
-    norm = tl.load(norms + outer * strides[3] + n * strides[5], mask=k_ok, other=0.0).to(CDT)
     if QJL:
         z = load_signs(
             signs + outer * strides[6] + n * strides[8], k_ok, (m + 7) // 8, m, BLOCK_N, BLOCK_M, DOT_DTYPE, WORDS
         )
-        rho = tl.load(res + outer * strides[9] + n * strides[11], mask=k_ok, other=0.0).to(CDT)
-        return level, norm, z, rho
+        return level, z
     else:
-        return level, norm, level, norm
+        return level, level
+
+
+@triton.jit
+def _scales_at(
+    rows,  # (codes, norms, signs, res_norms) pointers at one head (`_field_rows`)
+    strides,  # the fields' (batch, head, key) strides
+    outer,  # (..) block of each key (0 unless paged), int32 or int64 (`_key_slots`)
+    n,  # (..) key (or slot) index, as outer
+    ok,  # (..) bool: which keys to read (the others read as 0)
+    QJL: tl.constexpr,  # vectors carry a QJL sketch
+    CDT: tl.constexpr,  # compute dtype
+):
+    """``(norms, residual norms)`` of the keys, each shaped as ``n``; the norms again without QJL."""
+    norm = tl.load(rows[1] + outer * strides[3] + n * strides[5], mask=ok, other=0.0).to(CDT)
+    if QJL:
+        return norm, tl.load(rows[3] + outer * strides[9] + n * strides[11], mask=ok, other=0.0).to(CDT)
+    else:
+        return norm, norm
 
 
 @triton.jit
@@ -237,6 +265,53 @@ def _split_max(
 
 
 @triton.jit
+def _sub_copies(
+    x,  # (BLOCK_Q, C) operand rows
+    sub,  # (BLOCK_Q,) each row's sub-split
+    SUBSPLITS: tl.constexpr,  # sub-splits
+):
+    """A tuple of ``SUBSPLITS`` copies of ``x``, copy ``s`` zero outside the rows of sub-split ``s`` (``x`` itself for
+    one sub-split): the A operand that meets sub-block ``s`` of a key block."""
+    copies = ()
+    for s in tl.static_range(SUBSPLITS):
+        copies = copies + (_rows_of(x, sub, s, SUBSPLITS),)
+    return copies
+
+
+@triton.jit
+def _rows_of(
+    x,  # (BLOCK_Q, C) tensor
+    sub,  # (BLOCK_Q,) each row's sub-split
+    s: tl.constexpr,  # which sub-split
+    SUBSPLITS: tl.constexpr,  # sub-splits
+):
+    """``x`` in the rows of sub-split ``s``, zero in the others (``x`` itself for one sub-split)."""
+    if SUBSPLITS > 1:
+        return tl.where((sub == s)[:, None], x, tl.zeros_like(x))
+    else:
+        return x
+
+
+@triton.jit
+def _sub_block(
+    n0,  # the block's first key
+    s: tl.constexpr,  # which sub-block
+    SUB_N: tl.constexpr,  # keys per sub-block
+    end,  # the split's end (exclusive)
+    MASKED: tl.constexpr,  # keys past end may occur
+    table,  # paged: (table_ptr, row stride, num_blocks), as `_key_slots` takes it
+    b,  # int64 sequence index
+    PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
+    INDEX: tl.constexpr,  # dtype of the key offsets (`_key_slots`)
+):
+    """``(outer, n, ok)`` of sub-block ``s``, keys ``n0 + s * SUB_N + (0 .. SUB_N - 1)``, as `_operands_at` takes them."""
+    keys = n0 + s * SUB_N + tl.arange(0, SUB_N)
+    ok = keys < end if MASKED else tl.full((SUB_N,), True, tl.int1)
+    outer, n, _ = _key_slots(keys, ok, table, b, PAGE, INDEX)
+    return outer, n, ok
+
+
+@triton.jit
 def attention_split_kernel(
     queries,  # (q_rot, q_sketch): (BH, R, BLOCK_DK) CDT pre-scaled rotated queries, zero-padded, and with
     # K QJL (BH, R, BLOCK_MK) CDT pre-scaled query sketches, zero-padded
@@ -250,9 +325,10 @@ def attention_split_kernel(
     lengths_ptr,  # (batch,) int32 or int64 keys to attend to per sequence (any value: see load_length)
     table,  # paged: (table_ptr, row stride, num_blocks): (batch, max_blocks) int32 or int64 block table with a
     # unit column stride; an id outside 0..num_blocks - 1 where keys lie makes the sequence NaN
-    partials,  # outputs (mx, denom, acc, acc_qjl): (BH, SPLITS, R) CDT running max (base 2), -inf for an empty
-    # split; (BH, SPLITS, R) CDT softmax denominator; (BH, SPLITS, R, BLOCK_DV) CDT rotated-domain value sum;
-    # V QJL: (BH, SPLITS, R, BLOCK_MV) CDT sum of p rho z
+    partials,  # outputs (mx, denom, acc, acc_qjl), one entry per sub-split (PARTS = splits * SUBSPLITS; split
+    # s's sub-split i is part s * SUBSPLITS + i): (BH, PARTS, R) CDT running max (base 2), -inf for an empty one;
+    # (BH, PARTS, R) CDT softmax denominator; (BH, PARTS, R, BLOCK_DV) CDT rotated-domain value sum;
+    # V QJL: (BH, PARTS, R, BLOCK_MV) CDT sum of p rho z
     kv_heads,  # KV heads (bh // kv_heads is the batch index)
     N,  # cache length (keys per head)
     R,  # query rows per KV head: group * q_len (row g * q_len + t is query t of the group's head g)
@@ -276,8 +352,9 @@ def attention_split_kernel(
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_DTYPE: tl.constexpr,  # tl.float16 (half-precision queries) or CDT: operand dtype of the tl.dots
     DOT_PRECISION: tl.constexpr,  # input_precision of float32 dots ("tf32x3" or "ieee"); ignored for float16
-    BLOCK_Q: tl.constexpr,  # query rows per program (>= 16)
-    BLOCK_N: tl.constexpr,  # keys per step (>= 16)
+    BLOCK_Q: tl.constexpr,  # program rows (>= 16): query rows, or SUBSPLITS * R <= BLOCK_Q (sub-split, query row)
+    BLOCK_N: tl.constexpr,  # keys per step: SUBSPLITS sub-blocks of BLOCK_N // SUBSPLITS >= 16 keys
+    SUBSPLITS: tl.constexpr,  # sub-splits sharing the program's rows (power of two; > 1 only with one row block)
     BLOCK_DK: tl.constexpr,  # power of two >= max(dk, 16)
     BLOCK_DV: tl.constexpr,  # power of two >= max(dv, 16)
     BLOCK_MK: tl.constexpr,  # power of two >= max(mk, 16)
@@ -290,29 +367,39 @@ def attention_split_kernel(
     bh = tl.program_id(0).to(tl.int64)
     b, h = bh // kv_heads, bh % kv_heads
     split = tl.program_id(1)
-    rows = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    row_ok = rows < R
+    r = tl.arange(0, BLOCK_Q)
+    if SUBSPLITS > 1:  # program row r: query row r % R over sub-split r // R
+        sub = tl.minimum(r // R, SUBSPLITS - 1)
+        rows = r % R
+        row_ok = r < SUBSPLITS * R
+    else:
+        sub = tl.zeros_like(r)
+        rows = tl.program_id(2) * BLOCK_Q + r
+        row_ok = rows < R
+    SUB_N: tl.constexpr = BLOCK_N // SUBSPLITS  # keys per sub-block
+    KEY_ROWS: tl.constexpr = BLOCK_Q if SUBSPLITS > 1 else 1  # rows of the per-logit key tiles (1: one per column)
     length = load_length(lengths_ptr + b, N)
     start = split * split_len
     end = tl.minimum(tl.minimum(start + split_len, length), N)  # an unchecked length > N reads no further
     visible = length - (q_len - 1 - rows % q_len)  # (BLOCK_Q,) keys each row sees with CAUSAL
 
+    # the query rows, each in its sub-split's copy only (zero in the others' rows)
     q_row = bh * R + rows
     q_tile = q_row[:, None] * BLOCK_DK + tl.arange(0, BLOCK_DK)[None, :]
     q = tl.load(qrot_ptr + q_tile, mask=row_ok[:, None], other=0.0)
     q, q_max = _unit_rows(q)
-    q = q.to(DOT_DTYPE)
+    q_subs = _sub_copies(q.to(DOT_DTYPE), sub, SUBSPLITS)
     if K_QJL:
         sk_tile = q_row[:, None] * BLOCK_MK + tl.arange(0, BLOCK_MK)[None, :]
         sk = tl.load(qsk_ptr + sk_tile, mask=row_ok[:, None], other=0.0)
         sk, sk_max = _unit_rows(sk)
-        sk = sk.to(DOT_DTYPE)
+        sk_subs = _sub_copies(sk.to(DOT_DTYPE), sub, SUBSPLITS)
 
     # this head's rows of each field (and this sequence's, unless paged)
     seq = tl.zeros((), dtype=tl.int64) if PAGE else b
     k_rows = _field_rows(k_cache, k_strides, seq, h)
     v_rows = _field_rows(v_cache, v_strides, seq, h)
-    bad_ids = tl.zeros((BLOCK_N,), dtype=tl.int32)  # paged: keys whose block id is out of range
+    bad_ids = tl.zeros((KEY_ROWS, SUB_N), dtype=tl.int32)  # paged: keys whose block id is out of range
     # interleaved float16 levels: the centroids' byte tables, once per program
     if K_INTERLEAVED and DOT_DTYPE == tl.float16:
         k_tables = byte_tables(k_cache[4], K_BITS)
@@ -332,7 +419,7 @@ def attention_split_kernel(
         t_scale = q_max
 
     mx = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
-    l_keys = tl.zeros((BLOCK_Q, BLOCK_N), dtype=CDT)  # the denominator, per key column; summed after the loop
+    l_keys = tl.zeros((BLOCK_Q, SUB_N), dtype=CDT)  # the denominator, per key column; summed after the loop
     acc = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=CDT)
     accq = tl.zeros((BLOCK_Q, BLOCK_MV), dtype=CDT)
     # blocks whose keys every row sees need no masks: the first pass runs them, the second the rest
@@ -340,27 +427,41 @@ def attention_split_kernel(
     unmasked_end = start + tl.maximum(seen - start, 0) // BLOCK_N * BLOCK_N
     for MASKED in tl.static_range(2):
         for n0 in range(unmasked_end if MASKED else start, end if MASKED else unmasked_end, BLOCK_N):
-            keys = n0 + tl.arange(0, BLOCK_N)
-            k_ok = keys < end if MASKED else tl.full((BLOCK_N,), True, tl.int1)
-            outer, n, bad = _key_slots(keys, k_ok, table, b, PAGE, KEY_INDEX)
+            # the key of each logit, (KEY_ROWS, SUB_N): row r's sub-split reads sub-block sub[r] of the block
+            if SUBSPLITS > 1:
+                keys = n0 + sub[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
+            else:
+                keys = n0 + tl.arange(0, SUB_N)[None, :]
+            ok = keys < end if MASKED else tl.full((KEY_ROWS, SUB_N), True, tl.int1)
+            outer, n, bad = _key_slots(keys, ok, table, b, PAGE, KEY_INDEX)
             bad_ids += bad.to(tl.int32)
-            # logits of this key block (base 2, in units of t_scale)
-            level, kn, z, rho = _levels_at(
-                k_rows, k_strides, outer, n, k_ok, k_cache[4], k_tables, dk, mk, K_BITS, K_QJL, K_INTERLEAVED, PRMT,
-                CDT, DOT_DTYPE, BLOCK_N, BLOCK_DK, BLOCK_MK, K_WORDS,
-            )  # fmt: skip
-            t = tl.dot(q, tl.trans(level), input_precision=DOT_PRECISION) * kn[None, :]
+            kn, rho = _scales_at(k_rows, k_strides, outer, n, ok, K_QJL, CDT)
+            subs = ()  # (outer, n, ok) of each sub-block's keys, for the K and the V operands
+            for s in tl.static_range(SUBSPLITS):
+                subs = subs + (_sub_block(n0, s, SUB_N, end, MASKED, table, b, PAGE, KEY_INDEX),)
+            # logits of this key block (base 2, in units of t_scale): sub-block s meets the rows of sub-split s
+            t = tl.zeros((BLOCK_Q, SUB_N), dtype=CDT)
+            sketch = tl.zeros((BLOCK_Q, SUB_N), dtype=CDT)
+            for s in tl.static_range(SUBSPLITS):
+                outer_s, n_s, ok_s = subs[s]
+                level, z = _operands_at(
+                    k_rows, k_strides, outer_s, n_s, ok_s, k_cache[4], k_tables, dk, mk, K_BITS, K_QJL, K_INTERLEAVED,
+                    PRMT, DOT_DTYPE, SUB_N, BLOCK_DK, BLOCK_MK, K_WORDS,
+                )  # fmt: skip
+                t = tl.dot(q_subs[s], tl.trans(level), t, input_precision=DOT_PRECISION)
+                if K_QJL:
+                    sketch = tl.dot(sk_subs[s], tl.trans(z), sketch, input_precision=DOT_PRECISION)
+            t = t * kn
             if K_QJL:
-                sketch = tl.dot(sk, tl.trans(z), input_precision=DOT_PRECISION)
-                t = t * q_max[:, None] + sketch * sk_max[:, None] * rho[None, :]
+                t = t * q_max[:, None] + sketch * sk_max[:, None] * rho
             if MASKED and CAUSAL:
-                t = tl.where(keys[None, :] < tl.minimum(visible, end)[:, None], t, float("-inf"))
+                t = tl.where(keys < tl.minimum(visible, end)[:, None], t, float("-inf"))
             elif MASKED:
-                t = tl.where(k_ok[None, :], t, float("-inf"))
-            # online softmax; with CAUSAL a row that has seen no key yet keeps mx = -inf and weight 0 (without
-            # it every block holds a key below `end` for every row)
+                t = tl.where(keys < end, t, float("-inf"))
+            # online softmax; in the masked pass a row may have seen no key yet (causal, or a sub-split whose keys
+            # all lie past the end): it keeps mx = -inf and weight 0
             mx_new = tl.maximum(mx, tl.max(t, axis=1))
-            if CAUSAL:
+            if MASKED:
                 ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
             else:
                 ref = mx_new
@@ -369,23 +470,29 @@ def attention_split_kernel(
             l_keys = l_keys * alpha[:, None] + p
             mx = mx_new
             # values, in V's rotated domain, weighted by p v / v_big (and p rho / r_big) in [0, 1]
-            vlevel, vn, vz, vrho = _levels_at(
-                v_rows, v_strides, outer, n, k_ok, v_cache[4], v_tables, dv, mv, V_BITS, V_QJL, V_INTERLEAVED, PRMT,
-                CDT, DOT_DTYPE, BLOCK_N, BLOCK_DV, BLOCK_MV, V_WORDS,
-            )  # fmt: skip
-            pv = (p * (vn * v_inv)[None, :]).to(DOT_DTYPE)
-            acc = tl.dot(pv, vlevel, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            vn, vrho = _scales_at(v_rows, v_strides, outer, n, ok, V_QJL, CDT)
+            pv = (p * (vn * v_inv)).to(DOT_DTYPE)
+            acc = acc * alpha[:, None]
             if V_QJL:
-                pr = (p * (vrho * r_inv)[None, :]).to(DOT_DTYPE)
-                accq = tl.dot(pr, vz, accq * alpha[:, None], input_precision=DOT_PRECISION)
+                pr = (p * (vrho * r_inv)).to(DOT_DTYPE)
+                accq = accq * alpha[:, None]
+            for s in tl.static_range(SUBSPLITS):
+                outer_s, n_s, ok_s = subs[s]
+                vlevel, vz = _operands_at(
+                    v_rows, v_strides, outer_s, n_s, ok_s, v_cache[4], v_tables, dv, mv, V_BITS, V_QJL, V_INTERLEAVED,
+                    PRMT, DOT_DTYPE, SUB_N, BLOCK_DV, BLOCK_MV, V_WORDS,
+                )  # fmt: skip
+                acc = tl.dot(_rows_of(pv, sub, s, SUBSPLITS), vlevel, acc, input_precision=DOT_PRECISION)
+                if V_QJL:
+                    accq = tl.dot(_rows_of(pr, sub, s, SUBSPLITS), vz, accq, input_precision=DOT_PRECISION)
     acc = acc * v_big
     accq = accq * r_big
     mx = mx * t_scale
     denom = tl.sum(l_keys, axis=1)
 
     if PAGE:  # a bad block id where this split's keys lie: the split's denominator NaN makes the rows NaN
-        denom = tl.where(tl.sum(bad_ids, axis=0) > 0, float("nan"), denom)
-    part = (bh * splits + split) * R + rows
+        denom = tl.where(tl.sum(tl.sum(bad_ids, axis=1), axis=0) > 0, float("nan"), denom)
+    part = ((bh * splits + split) * SUBSPLITS + sub) * R + rows
     tl.store(mx_ptr + part, mx, mask=row_ok)
     tl.store(l_ptr + part, denom, mask=row_ok)
     tl.store(acc_ptr + part[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], acc, mask=row_ok[:, None])
@@ -395,8 +502,8 @@ def attention_split_kernel(
 
 @triton.jit
 def attention_combine_kernel(
-    partials,  # pass 1's (mx, denom, acc, acc_qjl): (BH, SPLITS, R) CDT running maxima; (BH, SPLITS, R) CDT
-    # denominators; (BH, SPLITS, R, BLOCK_DV) CDT rotated-domain value sums; V QJL: (BH, SPLITS, R, BLOCK_MV)
+    partials,  # pass 1's (mx, denom, acc, acc_qjl): (BH, PARTS, R) CDT running maxima; (BH, PARTS, R) CDT
+    # denominators; (BH, PARTS, R, BLOCK_DV) CDT rotated-domain value sums; V QJL: (BH, PARTS, R, BLOCK_MV)
     # CDT sums of p rho z
     rot_ptr,  # (BLOCK_DV, BLOCK_DV) CDT V's rotation matrix R_V zero-padded (x = y @ R_V)
     smat_ptr,  # V QJL: (BLOCK_MV, BLOCK_DV) CDT sqrt(pi/2) / mv * S_V zero-padded (scaled on the host)
@@ -410,7 +517,7 @@ def attention_combine_kernel(
     V_QJL: tl.constexpr,  # values carry a QJL sketch
     CDT: tl.constexpr,  # compute dtype: tl.float64 for float64 inputs, else tl.float32
     DOT_PRECISION: tl.constexpr,  # input_precision of the tl.dots: "tf32x3" (float32-accurate) or "ieee"
-    splits,  # number of key splits
+    parts,  # partial results per query row (key splits x sub-splits)
     BLOCK_Q: tl.constexpr,  # query rows per program (>= 16)
     BLOCK_DV: tl.constexpr,  # power of two >= max(dv, 16)
     BLOCK_C: tl.constexpr,  # output coordinates per chunk: power of two, 16 <= BLOCK_C <= BLOCK_DV
@@ -424,14 +531,14 @@ def attention_combine_kernel(
     cols = tl.arange(0, BLOCK_DV)
     mcols = tl.arange(0, BLOCK_MV)
     top = tl.full((BLOCK_Q,), float("-inf"), dtype=CDT)
-    for s in range(splits):
-        top = tl.maximum(top, tl.load(mx_ptr + (bh * splits + s) * R + rows, mask=row_ok, other=0.0))
+    for s in range(parts):
+        top = tl.maximum(top, tl.load(mx_ptr + (bh * parts + s) * R + rows, mask=row_ok, other=0.0))
     denom = tl.zeros((BLOCK_Q,), dtype=CDT)
     y = tl.zeros((BLOCK_Q, BLOCK_DV), dtype=CDT)
     yq = tl.zeros((BLOCK_Q, BLOCK_MV), dtype=CDT)
-    for s in range(splits):
-        part = (bh * splits + s) * R + rows
-        w = tl.exp2(tl.load(mx_ptr + part, mask=row_ok, other=0.0) - top)  # 0 for an empty split
+    for s in range(parts):
+        part = (bh * parts + s) * R + rows
+        w = tl.exp2(tl.load(mx_ptr + part, mask=row_ok, other=0.0) - top)  # 0 for an empty one
         denom += w * tl.load(l_ptr + part, mask=row_ok, other=0.0)
         y += w[:, None] * tl.load(acc_ptr + part[:, None] * BLOCK_DV + cols[None, :], mask=row_ok[:, None], other=0.0)
         if V_QJL:

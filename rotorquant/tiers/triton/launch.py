@@ -50,7 +50,8 @@ _FUSED = {"enable_fp_fusion": True}
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Launch settings of the Triton kernels on a GPU (the interpreter always uses 16-wide blocks).
+    """Launch settings of the Triton kernels on a GPU (the interpreter always uses 16-wide blocks, in attention
+    16 keys per sub-split).
 
     Quantize (None: the default for the spec, see `quantize_defaults`):
         quantize_block_n: vectors per program.
@@ -59,10 +60,15 @@ class LaunchConfig:
             32-code chunks; at least 64 in float32 compute for 32 < d <= 256, whose rotation table then holds
             64-column blocks, `tables.transposed_tiles`).
 
-    Attention (the defaults were the fastest of the launch sweep of `benchmarks/gpu_speed.py` at context
-    32K on an NVIDIA H200, 2026-11-27: 1725 us against 2201 us for 64 keys per step):
-        attention_block_n: keys per step for half-precision queries at head dims <= 128 (half of it for
-            float32 queries, whose operands are twice as wide, and per doubling of the head dim).
+    Attention (None: planned for the sub-splits and head dim, see `attention_defaults`):
+        attention_subsplits: the most sub-splits of a key split that share a program's 16 rows (a power of two;
+            1 turns the packing off): with R query rows per KV head a program carries the largest power of two
+            <= min(attention_subsplits, 16 / R) (`rotorquant.kernels.attention`). None: 4 for half-precision
+            queries (and under the interpreter), 1 for float32 and float64 ones, whose products, not the
+            unpacking of codes, take most of the loop (sm_90, float32 queries, 3 bits, d = 128: 26.0 instructions
+            per code with one sub-split, 25.9 with four, which spill registers in the loop).
+        attention_block_n: keys per step of each sub-split for half-precision queries at head dims <= 128 (half
+            of it for float32 queries, whose operands are twice as wide, and per doubling of the head dim).
         attention_warps, attention_stages: warps, and software pipelining of the key loop.
         programs_per_sm: the split plan aims at about this many programs per multiprocessor.
         splits: force this many key splits (None: planned).
@@ -79,8 +85,9 @@ class LaunchConfig:
     quantize_block_n: int | None = None
     quantize_warps: int | None = None
     quantize_block_c: int | None = None
-    attention_block_n: int = 128
-    attention_warps: int = WARPS
+    attention_subsplits: int | None = None
+    attention_block_n: int | None = None
+    attention_warps: int | None = None
     attention_stages: int = 2
     programs_per_sm: int = 4
     splits: int | None = None
@@ -89,8 +96,10 @@ class LaunchConfig:
     int32_offsets: int = 2**31 - 1
 
     def __post_init__(self):
-        powers = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_block_n", "attention_warps"}
-        optional = {"quantize_block_n", "quantize_warps", "quantize_block_c", "splits", "multiprocessors"}
+        powers = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_subsplits", "attention_block_n",
+                  "attention_warps"}  # fmt: skip
+        optional = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_subsplits", "attention_block_n",
+                    "attention_warps", "splits", "multiprocessors"}  # fmt: skip
         for f in fields(self):
             name, value = f.name, getattr(self, f.name)
             if name in optional and value is None:
@@ -308,6 +317,21 @@ def _device_multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def attention_defaults(subsplits: int, block_d: int, lookups: bool) -> tuple[int, int]:
+    """``(keys per step of a sub-split, warps)`` of the split kernel for half-precision queries, K and V dims padded
+    to ``block_d``; ``lookups``: both in the interleaved packing and neither with QJL. One sub-split: 128 keys on 8
+    warps, fewer beyond ``block_d = 128`` as `LaunchConfig.attention_block_n` says, the fastest of the launch sweep
+    of `benchmarks/gpu_speed.py` at context 32K on an NVIDIA H200, 2026-11-27 (1725 us against 2201 us for 64 keys
+    per step). Several: ``8192 / block_d`` keys (16 to 128), with ``lookups`` on one warp per 16 of them (2 to 8),
+    the fewest sm_90 instructions per code of the launches `benchmarks/sass_count.py` compiles at head dims 64, 128
+    and 256 (not timed), else on 8 warps: the contiguous packing's unpacking and QJL signs hold more registers, and
+    on fewer warps the key loop spills registers to local memory."""
+    if subsplits == 1:
+        return 128 * 128 // max(128, block_d), WARPS
+    keys = min(128, max(16, 8192 // block_d))
+    return keys, min(8, max(2, keys // 16)) if lookups else WARPS
+
+
 def split_plan(programs: int, kv_len: int, block_n: int, device: torch.device, config: LaunchConfig) -> tuple[int, int]:
     """``(splits, split_len)``: about ``config.programs_per_sm`` programs per SM, each split a whole number of
     key blocks (at least four unless the cache is shorter); ``config.splits`` forces the number."""
@@ -381,19 +405,27 @@ def attention(
         return out.to(q.dtype).reshape(batch, q.shape[1], q_len, vspec.dim)
 
     half = q.dtype in (torch.float16, torch.bfloat16)
-    block_q = 16 if INTERPRETING else max(16, min(64, triton.next_power_of_2(rows)))
-    # keys per step: wider operands, fewer keys, so shared memory stays well under 227 KiB
-    block_n = config.attention_block_n * 128 // max(128, tk.block_d, tv.block_d) // (1 if half else 2)
+    most = config.attention_subsplits or (4 if half or INTERPRETING else 1)
+    subsplits = 1 << (max(1, min(most, 16 // rows)).bit_length() - 1)
+    block_q = 16 if INTERPRETING or subsplits > 1 else max(16, min(64, triton.next_power_of_2(rows)))
+    block_d = max(tk.block_d, tv.block_d)
+    lookups = all(s.packing is Packing.INTERLEAVED and not s.qjl for s in (kspec, vspec))
+    sub_n, warps = attention_defaults(subsplits, block_d, lookups)
+    # keys per step of a sub-split: wider operands, fewer keys, so shared memory stays well under 227 KiB
+    if config.attention_block_n is not None:
+        sub_n = config.attention_block_n * 128 // max(128, block_d)
+    sub_n //= 1 if half else 2
     if max(kspec.mse_bits, vspec.mse_bits) > 4:  # levels gathered from the table, staged in shared memory
-        block_n //= 2
-    block_n = 16 if INTERPRETING or compute == torch.float64 else max(16, block_n)
+        sub_n //= 2
+    block_n = subsplits * (16 if INTERPRETING or compute == torch.float64 else max(16, sub_n))
     row_blocks = triton.cdiv(rows, block_q)
     q_rot, q_sk = rotated_queries(q, k_params, kv_heads, scale * LOG2E)
     splits, split_len = split_plan(bh * row_blocks, kv_len, block_n, q.device, config)
     new = functools.partial(torch.empty, device=q.device, dtype=compute)
-    mx, denom = new((bh, splits, rows)), new((bh, splits, rows))
-    acc = new((bh, splits, rows, tv.block_d))
-    accq = new((bh, splits, rows, tv.block_m)) if vspec.qjl else acc
+    parts = splits * subsplits  # partial results per query row
+    mx, denom = new((bh, parts, rows)), new((bh, parts, rows))
+    acc = new((bh, parts, rows, tv.block_d))
+    accq = new((bh, parts, rows, tv.block_m)) if vspec.qjl else acc
     k_fields, v_fields = payload(k_code), payload(v_code)
     paged = (lengths, 0, 1) if table is None else (table, table.stride(0), k_code.shape[0])
     # a bound on the offsets of a key's fields past its head's row: key * key stride (masked keys of a split's last
@@ -412,14 +444,14 @@ def attention(
         V_INTERLEAVED=vspec.packing is Packing.INTERLEAVED, PRMT=not INTERPRETING, CAUSAL=causal, PAGE=page,
         KEY_INDEX=tl.int32 if reach <= config.int32_offsets else tl.int64,
         DOT_DTYPE=tl.float16 if half else kernel_dtypes(compute)["CDT"],
-        **kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_DK=tk.block_d, BLOCK_DV=tv.block_d,
-        BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=word_aligned(k_fields[0], k_fields[2]),
-        V_WORDS=word_aligned(v_fields[0], v_fields[2]), num_warps=config.attention_warps, **stages, **_FUSED,
+        **kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_N=block_n, SUBSPLITS=subsplits, BLOCK_DK=tk.block_d,
+        BLOCK_DV=tv.block_d, BLOCK_MK=tk.block_m, BLOCK_MV=tv.block_m, K_WORDS=word_aligned(k_fields[0], k_fields[2]),
+        V_WORDS=word_aligned(v_fields[0], v_fields[2]), num_warps=config.attention_warps or warps, **stages, **_FUSED,
     )  # fmt: skip
     block_c = 16 if INTERPRETING else min(tv.block_d, max(16, 8192 // tv.block_d))
     attention_combine_kernel[(bh, row_blocks)](
         (mx, denom, acc, accq), tv.rmat, tv.smat if vspec.qjl else tv.rmat, out, lengths,
-        kv_heads=kv_heads, N=kv_len, least=max(q_len, 1) if causal else 1, R=rows, dv=vspec.dim, splits=splits,
+        kv_heads=kv_heads, N=kv_len, least=max(q_len, 1) if causal else 1, R=rows, dv=vspec.dim, parts=parts,
         V_QJL=vspec.qjl, **kernel_dtypes(compute), BLOCK_Q=block_q, BLOCK_DV=tv.block_d, BLOCK_C=block_c,
         BLOCK_MV=tv.block_m, OUT_MAX=saturation(q.dtype), num_warps=WARPS, **_FUSED,
     )  # fmt: skip
