@@ -304,7 +304,8 @@ def _sub_block(
     PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
     INDEX: tl.constexpr,  # dtype of the key offsets (`_key_slots`)
 ):
-    """``(outer, n, ok)`` of sub-block ``s``, keys ``n0 + s * SUB_N + (0 .. SUB_N - 1)``, as `_operands_at` takes them."""
+    """``(outer, n, ok)`` of sub-block ``s``, keys ``n0 + s * SUB_N + (0 .. SUB_N - 1)``, as `_operands_at` takes
+    them."""
     keys = n0 + s * SUB_N + tl.arange(0, SUB_N)
     ok = keys < end if MASKED else tl.full((SUB_N,), True, tl.int1)
     outer, n, _ = _key_slots(keys, ok, table, b, PAGE, INDEX)

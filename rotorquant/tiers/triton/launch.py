@@ -98,8 +98,8 @@ class LaunchConfig:
     def __post_init__(self):
         powers = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_subsplits", "attention_block_n",
                   "attention_warps"}  # fmt: skip
-        optional = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_subsplits", "attention_block_n",
-                    "attention_warps", "splits", "multiprocessors"}  # fmt: skip
+        optional = {"quantize_block_n", "quantize_warps", "quantize_block_c", "attention_subsplits",
+                    "attention_block_n", "attention_warps", "splits", "multiprocessors"}  # fmt: skip
         for f in fields(self):
             name, value = f.name, getattr(self, f.name)
             if name in optional and value is None:
