@@ -304,12 +304,12 @@ def _sub_block(
     PAGE: tl.constexpr,  # keys per block of a paged cache; 0: not paged
     INDEX: tl.constexpr,  # dtype of the key offsets (`_key_slots`)
 ):
-    """``(outer, n, ok)`` of sub-block ``s``, keys ``n0 + s * SUB_N + (0 .. SUB_N - 1)``, as `_operands_at` takes
-    them."""
+    """``(outer, n, ok, bad)`` of sub-block ``s``, keys ``n0 + s * SUB_N + (0 .. SUB_N - 1)``: its slots as
+    `_operands_at` takes them, and its keys whose block id is out of range (`_key_slots`)."""
     keys = n0 + s * SUB_N + tl.arange(0, SUB_N)
     ok = keys < end if MASKED else tl.full((SUB_N,), True, tl.int1)
-    outer, n, _ = _key_slots(keys, ok, table, b, PAGE, INDEX)
-    return outer, n, ok
+    outer, n, bad = _key_slots(keys, ok, table, b, PAGE, INDEX)
+    return outer, n, ok, bad
 
 
 @triton.jit
@@ -378,7 +378,6 @@ def attention_split_kernel(
         rows = tl.program_id(2) * BLOCK_Q + r
         row_ok = rows < R
     SUB_N: tl.constexpr = BLOCK_N // SUBSPLITS  # keys per sub-block
-    KEY_ROWS: tl.constexpr = BLOCK_Q if SUBSPLITS > 1 else 1  # rows of the per-logit key tiles (1: one per column)
     length = load_length(lengths_ptr + b, N)
     start = split * split_len
     end = tl.minimum(tl.minimum(start + split_len, length), N)  # an unchecked length > N reads no further
@@ -400,7 +399,7 @@ def attention_split_kernel(
     seq = tl.zeros((), dtype=tl.int64) if PAGE else b
     k_rows = _field_rows(k_cache, k_strides, seq, h)
     v_rows = _field_rows(v_cache, v_strides, seq, h)
-    bad_ids = tl.zeros((KEY_ROWS, SUB_N), dtype=tl.int32)  # paged: keys whose block id is out of range
+    bad_ids = tl.zeros((SUB_N,), dtype=tl.int32)  # paged: keys whose block id is out of range
     # interleaved float16 levels: the centroids' byte tables, once per program
     if K_INTERLEAVED and DOT_DTYPE == tl.float16:
         k_tables = byte_tables(k_cache[4], K_BITS)
@@ -428,23 +427,25 @@ def attention_split_kernel(
     unmasked_end = start + tl.maximum(seen - start, 0) // BLOCK_N * BLOCK_N
     for MASKED in tl.static_range(2):
         for n0 in range(unmasked_end if MASKED else start, end if MASKED else unmasked_end, BLOCK_N):
-            # the key of each logit, (KEY_ROWS, SUB_N): row r's sub-split reads sub-block sub[r] of the block
-            if SUBSPLITS > 1:
-                keys = n0 + sub[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
-            else:
-                keys = n0 + tl.arange(0, SUB_N)[None, :]
-            ok = keys < end if MASKED else tl.full((KEY_ROWS, SUB_N), True, tl.int1)
-            outer, n, bad = _key_slots(keys, ok, table, b, PAGE, KEY_INDEX)
-            bad_ids += bad.to(tl.int32)
-            kn, rho = _scales_at(k_rows, k_strides, outer, n, ok, K_QJL, CDT)
-            subs = ()  # (outer, n, ok) of each sub-block's keys, for the K and the V operands
+            subs = ()  # (outer, n, ok, bad) of each sub-block's keys, for the K and the V operands
             for s in tl.static_range(SUBSPLITS):
                 subs = subs + (_sub_block(n0, s, SUB_N, end, MASKED, table, b, PAGE, KEY_INDEX),)
+                bad_ids += subs[s][3].to(tl.int32)
+            # the key of each logit, (BLOCK_Q, SUB_N) (one sub-split: (1, SUB_N), the sub-block's): row r's sub-split
+            # reads sub-block sub[r] of the block
+            if SUBSPLITS > 1:
+                keys = n0 + sub[:, None] * SUB_N + tl.arange(0, SUB_N)[None, :]
+                ok = keys < end if MASKED else tl.full((BLOCK_Q, SUB_N), True, tl.int1)
+                outer, n, _ = _key_slots(keys, ok, table, b, PAGE, KEY_INDEX)
+            else:
+                keys = (n0 + tl.arange(0, SUB_N))[None, :]
+                outer, n, ok = subs[0][0][None, :], subs[0][1][None, :], subs[0][2][None, :]
+            kn, rho = _scales_at(k_rows, k_strides, outer, n, ok, K_QJL, CDT)
             # logits of this key block (base 2, in units of t_scale): sub-block s meets the rows of sub-split s
             t = tl.zeros((BLOCK_Q, SUB_N), dtype=CDT)
             sketch = tl.zeros((BLOCK_Q, SUB_N), dtype=CDT)
             for s in tl.static_range(SUBSPLITS):
-                outer_s, n_s, ok_s = subs[s]
+                outer_s, n_s, ok_s, _ = subs[s]
                 level, z = _operands_at(
                     k_rows, k_strides, outer_s, n_s, ok_s, k_cache[4], k_tables, dk, mk, K_BITS, K_QJL, K_INTERLEAVED,
                     PRMT, DOT_DTYPE, SUB_N, BLOCK_DK, BLOCK_MK, K_WORDS,
@@ -478,7 +479,7 @@ def attention_split_kernel(
                 pr = (p * (vrho * r_inv)).to(DOT_DTYPE)
                 accq = accq * alpha[:, None]
             for s in tl.static_range(SUBSPLITS):
-                outer_s, n_s, ok_s = subs[s]
+                outer_s, n_s, ok_s, _ = subs[s]
                 vlevel, vz = _operands_at(
                     v_rows, v_strides, outer_s, n_s, ok_s, v_cache[4], v_tables, dv, mv, V_BITS, V_QJL, V_INTERLEAVED,
                     PRMT, DOT_DTYPE, SUB_N, BLOCK_DV, BLOCK_MV, V_WORDS,
@@ -492,7 +493,7 @@ def attention_split_kernel(
     denom = tl.sum(l_keys, axis=1)
 
     if PAGE:  # a bad block id where this split's keys lie: the split's denominator NaN makes the rows NaN
-        denom = tl.where(tl.sum(tl.sum(bad_ids, axis=1), axis=0) > 0, float("nan"), denom)
+        denom = tl.where(tl.sum(bad_ids, axis=0) > 0, float("nan"), denom)
     part = ((bh * splits + split) * SUBSPLITS + sub) * R + rows
     tl.store(mx_ptr + part, mx, mask=row_ok)
     tl.store(l_ptr + part, denom, mask=row_ok)

@@ -248,13 +248,13 @@ def quantize_kernel(
             store_interleaved(code_rows, put, code, c0 // 32, d // 32, BITS, BLOCK_N, BLOCK_C, TRANSPOSED)
         else:
             store_codes(code_rows, put, code, c0 * BITS // 8, code_bytes, BITS, BLOCK_N, BLOCK_C, TRANSPOSED)
+        if QJL or (NORM_CORRECTION and not COUNTED):
+            level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
         if NORM_CORRECTION and COUNTED:
             counts = add_counts(counts, magnitude_bit_counts(code, BITS, BLOCK_N, BLOCK_C, TRANSPOSED, POPC))
         elif NORM_CORRECTION:
-            level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
             level_sq += level * level
         if QJL:
-            level = tl.where(valid, centroid_levels(code, cent_ptr, BITS), 0.0)
             diff = tl.where(valid, y / unit - level, 0.0)
             res_sq += tl.sum(diff * diff, axis=1)
             proj = tl.load(proj_ptr + cc[:, None] * BLOCK_M + mcols[None, :])
