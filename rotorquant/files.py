@@ -15,7 +15,7 @@ Every payload field of a code is one tensor named ``{key}/{field}`` (``key`` is 
 (keys sorted, no spaces) with:
 
 =============  =================================================================================
-``version``    ``1`` (`VERSION`)
+``version``    ``2`` (`VERSION`); `load` also reads version 1 (see below)
 ``content``    ``"code"`` (one `Compressed`), ``"codes"`` (a dict of them) or ``"cache"``
                (`rotorquant.integrations.transformers.RotorQuantCache.save`)
 ``entries``    ``[{"key": ..., "spec": {every QuantizerSpec field}, "dtype": ..., "calibration": null or
@@ -32,6 +32,10 @@ Equal contents give byte-identical files.
 `load` reads the whole file, checks the version, the SHA-256 and that every payload field has the dtype and
 shape its spec gives, and raises ``ValueError`` naming the file and the problem otherwise. The parameters are
 not stored: they are rebuilt with `rotorquant.build_params` from the spec.
+
+Version 1 differs in one thing: codes in the interleaved packing at 4 bits had another layout (words 0..2 of a
+chunk as at 3 bits on the magnitude indices, word 3 with the top bit of coordinate ``32c + 4s + j`` at bit
+``8j + s``). `load` converts them to the current layout (`_codes_from_version_1`); everything else reads as is.
 
 Pickling a `Compressed` works, but ``torch.save`` then ``torch.load`` (``weights_only=True``, torch's default)
 refuses it (``Unsupported global``), and a pickle carries no version or checksum: `save` and `load` are the
@@ -54,15 +58,15 @@ from safetensors import SafetensorError, TensorSpec, deserialize, serialize
 from .arrays import NUMPY
 from .calibration import Calibration
 from .checks import check_code
-from .format import CODE_DTYPES, PACKED_FIELDS, PAYLOAD_FIELDS, Compressed
+from .format import CODE_DTYPES, PACKED_FIELDS, PAYLOAD_FIELDS, Compressed, pack_codes, unpack_codes
 from .params import build_params
-from .spec import QuantizerSpec
+from .spec import Packing, QuantizerSpec
 
 KEY = "rotorquant"
 """The one ``__metadata__`` entry of a file."""
 
-VERSION = 1
-"""The format version this module writes and reads."""
+VERSION = 2
+"""The format version this module writes (it reads this one and version 1)."""
 
 CONTENTS = ("code", "codes", "cache")
 """What a file holds: one `Compressed`, a dict of them, or a transformers cache."""
@@ -217,7 +221,7 @@ def read(path: str | os.PathLike, *, like=None, device=None) -> Contents:
         key = entry.get("key") if isinstance(entry, dict) else None
         if not isinstance(key, str) or key in entries:
             raise fail(f"metadata: expected entries with distinct str keys, got {entry!r}")
-        entries[key], names = _entry(key, entry, tensors, convert, fail)
+        entries[key], names = _entry(key, entry, tensors, metadata["version"], convert, fail)
         expected_names |= names
     if content == "code" and list(entries) != [SINGLE]:
         raise fail(f"expected one entry {SINGLE!r} in a 'code' file, got {list(entries)}")
@@ -278,8 +282,8 @@ def _metadata(data: bytes, fail) -> dict:
         raise fail(f"the {KEY!r} metadata is not JSON") from None
     if not isinstance(metadata, dict) or "version" not in metadata:
         raise fail(f"the {KEY!r} metadata has no format version")
-    if type(metadata["version"]) is not int or metadata["version"] != VERSION:
-        raise fail(f"format version {metadata['version']!r}, expected {VERSION} (another rotorquant wrote it)")
+    if type(metadata["version"]) is not int or metadata["version"] not in (1, VERSION):
+        raise fail(f"format version {metadata['version']!r}, expected 1 or {VERSION} (another rotorquant wrote it)")
     if sorted(metadata) != sorted(METADATA_KEYS) or not isinstance(metadata["sha256"], str):
         raise fail(f"expected metadata keys {sorted(METADATA_KEYS)}, got {sorted(metadata)}")
     if _json(metadata) != text:
@@ -337,8 +341,9 @@ def _is_array(a) -> bool:
     return isinstance(a, np.ndarray) or type(a).__module__.split(".")[0] == "torch"
 
 
-def _entry(key: str, entry, tensors: dict, convert, fail) -> tuple[Compressed, set[str]]:
-    """The `Compressed` of metadata entry ``key`` and the names of its tensors, everything checked."""
+def _entry(key: str, entry, tensors: dict, version: int, convert, fail) -> tuple[Compressed, set[str]]:
+    """The `Compressed` of metadata entry ``key`` (of a file of format ``version``) and the names of its tensors,
+    everything checked."""
     where = f"entry {key!r}"
     if sorted(entry) != ["calibration", "dtype", "key", "spec"]:
         raise fail(f"{where}: expected keys ['calibration', 'dtype', 'key', 'spec'], got {sorted(entry)}")
@@ -363,6 +368,11 @@ def _entry(key: str, entry, tensors: dict, convert, fail) -> tuple[Compressed, s
     missing = sorted(used - set(tensors))
     if missing:
         raise fail(f"{where}: missing tensors {missing}")
+    if version == 1 and spec.packing is Packing.INTERLEAVED and spec.mse_bits == 4:
+        dtype, shape, data = tensors[f"{key}/codes"]
+        if dtype == "U8" and shape[-1:] == (spec.code_bytes,):  # else check_code below names the problem
+            codes = _codes_from_version_1(_numpy(dtype, shape, data, fail, f"{key}/codes"), spec.dim)
+            tensors[f"{key}/codes"] = (dtype, shape, codes.tobytes())
     host = {f: _numpy(*tensors[f"{key}/{f}"], fail, f"{key}/{f}") for f in wanted}
     code = Compressed(spec=spec, dtype=entry["dtype"], **host)
     try:
@@ -379,6 +389,18 @@ def _entry(key: str, entry, tensors: dict, convert, fail) -> tuple[Compressed, s
             raise fail(f"{where}: calibration: {exc}") from None
     arrays = {f: convert(*tensors[f"{key}/{f}"], fail, f"{key}/{f}") for f in wanted}
     return dataclasses.replace(code, calibration=calibration, **arrays), used
+
+
+def _codes_from_version_1(packed: np.ndarray, dim: int) -> np.ndarray:
+    """``(..., dim / 2)`` uint8 rows of 4-bit interleaved codes in format version 1's layout, in the current one: there
+    words 0..2 of each chunk hold the magnitude indices ``m`` as the 3-bit interleaved layout does, and word 3 holds
+    the top bit of coordinate ``32c + 4s + j`` at bit ``8j + s``; the code is ``8 + m`` (top bit 1) or ``7 - m``."""
+    chunks = dim // 32
+    m = unpack_codes(packed[..., : 12 * chunks], 3, dim, Packing.INTERLEAVED).astype(np.int64)
+    tops = np.ascontiguousarray(packed[..., 12 * chunks :]).view("<u4").astype(np.int64)  # (..., C)
+    place = 8 * np.arange(4) + np.arange(8)[:, None]  # [s, j]: 8j + s
+    top = ((tops[..., None, None] >> place) & 1).reshape(m.shape)
+    return pack_codes(np.where(top == 1, 8 + m, 7 - m), 4, Packing.INTERLEAVED)
 
 
 def _check_stream_form(where: str, host: dict[str, np.ndarray], spec: QuantizerSpec, fail) -> None:

@@ -25,8 +25,10 @@ words, plane ``p``'s word ``c`` at bytes ``4 * (p*C + c)``, and word ``c`` of ev
 
     b = 2:  word 0: G_0[n] | G_2[n] << 2            word 1: G_1[n] | G_3[n] << 2
     b = 3:  word p (p = 0, 1, 2): G_p[n] | (bit p of G_3[n]) << 3
-    b = 4:  words 0..2 as b = 3 on the magnitude indices ``m = k - 8`` (k >= 8) or ``7 - k`` (k < 8);
-            word 3: bit ``8j + s`` = the top bit ``k >> 3`` of coordinate ``32c + 4s + j``
+    b = 4:  word p (p = 0..3): m(G_p[n]) | t(G_p[4h + j]) << 3, for n = 2j + h (j in 0..3, h in 0, 1)
+
+where at 4 bits ``m(k)`` is the magnitude index ``k - 8`` (k >= 8) or ``7 - k`` (k < 8) and ``t(k) = k >> 3`` the
+top bit: word ``p`` holds group ``p``'s magnitudes in its nibbles' low 3 bits and its top bits at bits ``8j + 4h + 3``.
 
 `repack_codes` converts between the packings.
 
@@ -128,24 +130,23 @@ def _packing(packing: Packing | str, bits: int, count: int) -> Packing:
 
 
 _NIBBLES = 4 * np.arange(8, dtype=np.uint32)  # bit offset of nibble n
-_TOPS = (8 * np.arange(4, dtype=np.uint32) + np.arange(8, dtype=np.uint32)[:, None])  # [s, j]: 8j + s
 
 
 def _pack_interleaved(codes: np.ndarray, bits: int) -> np.ndarray:
     """``(..., d)`` codes -> ``(..., d*bits/8)`` uint8, interleaved (the layout of the module docstring)."""
     lead, chunks = codes.shape[:-1], codes.shape[-1] // INTERLEAVED_CHUNK
     k = codes.astype(np.uint32)
-    if bits == 4:  # the magnitude index: k - 8 in the upper half, 7 - k in the lower
-        k = np.where(k >= 8, k - 8, 7 - k)
-    g = k.reshape(*lead, chunks, 4, 8)  # [c, g, n]: coordinate 32c + 8g + n
     if bits == 2:
+        g = k.reshape(*lead, chunks, 4, 8)  # [c, g, n]: coordinate 32c + 8g + n
         nibbles = [g[..., 0, :] | g[..., 2, :] << 2, g[..., 1, :] | g[..., 3, :] << 2]
-    else:
+    elif bits == 3:
+        g = k.reshape(*lead, chunks, 4, 8)
         nibbles = [g[..., p, :] | ((g[..., 3, :] >> p) & 1) << 3 for p in range(3)]
+    else:
+        g = np.where(k >= 8, k - 8, 7 - k).reshape(*lead, chunks, 4, 8)  # the magnitude indices
+        top = (k >> 3).reshape(*lead, chunks, 4, 2, 4).swapaxes(-2, -1).reshape(g.shape)  # [c, g, 2j + h]: G_g[4h + j]
+        nibbles = [g[..., p, :] | top[..., p, :] << 3 for p in range(4)]
     words = [(nib << _NIBBLES).sum(axis=-1, dtype=np.uint32) for nib in nibbles]  # disjoint bits: sum = or
-    if bits == 4:
-        top = (codes.astype(np.uint32) >> 3).reshape(*lead, chunks, 8, 4)  # [c, s, j]: coordinate 32c + 4s + j
-        words.append((top << _TOPS).sum(axis=(-2, -1), dtype=np.uint32))
     planes = np.stack(words, axis=-2).astype("<u4")  # (..., bits, C)
     return np.ascontiguousarray(planes).view(np.uint8).reshape(*lead, bits * chunks * 4)
 
@@ -157,13 +158,14 @@ def _unpack_interleaved(packed: np.ndarray, bits: int, count: int) -> np.ndarray
     nib = (words[..., None] >> _NIBBLES) & 15  # (..., bits, C, 8)
     if bits == 2:
         groups = [nib[..., 0, :, :] & 3, nib[..., 1, :, :] & 3, nib[..., 0, :, :] >> 2, nib[..., 1, :, :] >> 2]
-    else:
+    elif bits == 3:
         spread = sum(((nib[..., p, :, :] >> 3) & 1) << p for p in range(3))
         groups = [nib[..., p, :, :] & 7 for p in range(3)] + [spread]
+    else:
+        top = (nib >> 3).reshape(*lead, bits, chunks, 4, 2).swapaxes(-2, -1).reshape(nib.shape)  # [p, c, 4h + j]
+        k = np.where(top == 1, (nib & 7) + 8, 7 - (nib & 7))
+        groups = [k[..., p, :, :] for p in range(4)]
     k = np.stack(groups, axis=-2).reshape(*lead, count)  # (..., C, 4, 8) -> coordinate order
-    if bits == 4:
-        top = ((words[..., 3, :, None, None] >> _TOPS) & 1).reshape(*lead, count)
-        k = np.where(top == 1, k + 8, 7 - k)
     return k.astype(np.uint8)
 
 

@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,8 +234,8 @@ def test_files_whose_metadata_does_not_fit_are_refused(tmp_path):
     tensors, metadata = _parts(good)
     bad = tmp_path / "bad.safetensors"
     cases = [
-        (tensors, {**metadata, "version": 2}, r"format version 2, expected 1"),
-        (tensors, {**metadata, "version": "1"}, r"format version '1', expected 1"),
+        (tensors, {**metadata, "version": 3}, r"format version 3, expected 1 or 2"),
+        (tensors, {**metadata, "version": "2"}, r"format version '2', expected 1 or 2"),
         (tensors, _edit_spec(metadata, bits=4), r"payload does not fit its spec: code.codes: expected shape \(3, 18\)"),
         (tensors, _edit_spec(metadata, qjl=True, norm_correction=False), r"missing tensors \['code/qjl_signs'"),
         (tensors, _edit_spec(metadata, norm_dtype="float16"), "code.norms: expected dtype float16, got float32"),
@@ -263,6 +264,30 @@ def test_files_whose_metadata_does_not_fit_are_refused(tmp_path):
         _craft(bad, t, metadata)
         with pytest.raises(ValueError, match=message):
             rq.load(bad)
+
+
+VERSION_1_FILE = Path(__file__).parent / "data" / "codes_version_1.safetensors"
+"""Written by `rotorquant.save` at format version 1 (commit f2742a7): three vectors of dimension 64, each entry
+``{packing}{bits}`` their codes at 4 and 3 bits in both packings."""
+
+
+def test_version_1_files_load_with_their_4_bit_interleaved_codes_in_todays_layout(tmp_path):
+    found = rq.load(VERSION_1_FILE)
+    stored, _ = _parts(VERSION_1_FILE)
+    assert stored["interleaved4/codes"].tobytes() != found["interleaved4"].codes.tobytes()  # converted
+    assert stored["interleaved3/codes"].tobytes() == found["interleaved3"].codes.tobytes()  # read as is
+    for bits in (4, 3):
+        inter, contiguous = found[f"interleaved{bits}"], found[f"contiguous{bits}"]
+        want = rq.format.unpack_codes(contiguous.codes, bits, 64)
+        np.testing.assert_array_equal(rq.format.unpack_codes(inter.codes, bits, 64, "interleaved"), want)
+        np.testing.assert_array_equal(
+            rq.Quantizer(inter.spec).dequantize(inter), rq.Quantizer(contiguous.spec).dequantize(contiguous)
+        )
+    again = tmp_path / "again.safetensors"
+    rq.save(again, found)
+    assert _parts(again)[1]["version"] == files.VERSION == 2
+    for key, code in rq.load(again).items():
+        assert_same_code(code, found[key])
 
 
 def test_files_that_are_not_ours_are_refused(tmp_path):

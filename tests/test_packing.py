@@ -76,9 +76,11 @@ def test_interleaved_words_by_hand():
     codes[9] = 0b01  # g = 1, n = 1: plane 1, nibble 1, bits 0..1
     assert _words(codes, 2) == [0b11 << 6, 0b01 << 4]
     codes[:] = 7  # 4 bits, code 7: magnitude index 0, top bit 0
-    codes[13] = 12  # 4s + j = 13: s = 3, j = 1: magnitude 4 in plane 1 nibble 5, top bit 8j + s = 11 of plane 3
-    codes[30] = 0  # g = 3, n = 6: magnitude 7 spread over bit 3 of nibble 6 of planes 0..2, top bit 0
-    assert _words(codes, 4) == [1 << 27, 4 << 20 | 1 << 27, 1 << 27, 1 << 11]
+    codes[13] = 12  # g = 1, n = 5 = 4h + j (h = 1, j = 1): magnitude 4 in nibble 5 of plane 1, top bit 8j + 4h + 3
+    codes[30] = 0  # g = 3, n = 6: magnitude 7 in nibble 6 of plane 3, top bit 0
+    assert _words(codes, 4) == [0, 4 << 20 | 1 << 15, 0, 7 << 24]
+    codes[2] = 15  # g = 0, n = 2 = 4h + j (h = 0, j = 2): magnitude 7, top bit 8j + 3 of plane 0
+    assert _words(codes, 4) == [7 << 8 | 1 << 19, 4 << 20 | 1 << 15, 0, 7 << 24]
 
 
 def test_packing_arguments_are_checked():
@@ -135,11 +137,14 @@ def _selectors(planes: list[np.ndarray], bits: int) -> tuple[list, list]:
         a0, b0 = planes[0] & U32(0x33333333), planes[1] & U32(0x33333333)
         a1, b1 = (planes[0] >> U32(2)) & U32(0x33333333), (planes[1] >> U32(2)) & U32(0x33333333)
         return [a0, a0 >> U32(16), b0, b0 >> U32(16), a1, a1 >> U32(16), b1, b1 >> U32(16)], [None] * 8
-    a, b, c = planes[:3]
+    if bits == 4:
+        masked = [p & U32(0x77777777) for p in planes]
+        sels = [x for m in masked for x in (m, m >> U32(16))]
+        return sels, [x for p in planes for x in (p << U32(4), p)]
+    a, b, c = planes
     spread = ((a >> U32(3)) & U32(0x11111111)) | ((b >> U32(2)) & U32(0x22222222)) | ((c >> U32(1)) & U32(0x44444444))
     a, b, c = (x & U32(0x77777777) for x in (a, b, c))
-    tops = [planes[3] << U32(7 - s) if bits == 4 else None for s in range(8)]
-    return [a, a >> U32(16), b, b >> U32(16), c, c >> U32(16), spread, spread >> U32(16)], tops
+    return [a, a >> U32(16), b, b >> U32(16), c, c >> U32(16), spread, spread >> U32(16)], [None] * 8
 
 
 def prmt_levels(packed_row: np.ndarray, centroids: np.ndarray, bits: int) -> np.ndarray:

@@ -237,8 +237,8 @@ def store_codes(
 # p * C + c; with G_g[n] the code of coordinate 32c + 8g + n, nibble n of chunk c's words holds
 #   2 bits: plane 0: G_0[n] | G_2[n] << 2, plane 1: G_1[n] | G_3[n] << 2
 #   3 bits: plane p: G_p[n] | (bit p of G_3[n]) << 3
-#   4 bits: planes 0..2 as 3 bits on the magnitude indices m (k - 8, or 7 - k below 8); plane 3 bit 8j + s:
-#           the top bit of coordinate 32c + 4s + j
+#   4 bits: plane p: m(G_p[n]) | t(G_p[4h + j]) << 3 for n = 2j + h, with m the magnitude index (k - 8, or 7 - k
+#           below 8) and t the top bit k >> 3: bit 8j + 4h + 3 holds the top bit of coordinate 32c + 8p + 4h + j
 
 
 @triton.jit
@@ -288,9 +288,9 @@ def interleaved_selectors(
     bit ``8j + 7``. From the plane words A, B, C, D:
 
         2 bits: s = 0..3: A, A >> 16, B, B >> 16 masked by 0x33333333; s = 4..7: the same of A >> 2, B >> 2
-        3, 4 bits: s = 0..5: A, A >> 16, B, B >> 16, C, C >> 16 masked by 0x77777777; s = 6, 7: the nibbles'
+        3 bits: s = 0..5: A, A >> 16, B, B >> 16, C, C >> 16 masked by 0x77777777; s = 6, 7: the nibbles'
             bits 3 gathered, E = (A >> 3 & 0x11111111) | (B >> 2 & 0x22222222) | (C >> 1 & 0x44444444), E >> 16
-        4 bits, top: D << (7 - s)
+        4 bits: s = 2p, 2p + 1: plane p masked by 0x77777777, and that >> 16; top: plane p << 4, plane p
     """
     chunks = count // 32
     a = _plane_words(row_ptr, row_mask, chunks, 0, CT, WORDS)
@@ -300,16 +300,17 @@ def interleaved_selectors(
         a1, b1 = (a >> 2) & 0x33333333, (b >> 2) & 0x33333333
         sel = _by_selector(a0, a0 >> 16, b0, b0 >> 16, a1, a1 >> 16, b1, b1 >> 16)
         return sel, sel
-    else:
-        c = _plane_words(row_ptr, row_mask, chunks, 2, CT, WORDS)
+    c = _plane_words(row_ptr, row_mask, chunks, 2, CT, WORDS)
+    if BITS == 3:
         spread = ((a >> 3) & 0x11111111) | ((b >> 2) & 0x22222222) | ((c >> 1) & 0x44444444)
         a, b, c = a & 0x77777777, b & 0x77777777, c & 0x77777777
         sel = _by_selector(a, a >> 16, b, b >> 16, c, c >> 16, spread, spread >> 16)
-        if BITS == 4:
-            d = _plane_words(row_ptr, row_mask, chunks, 3, CT, WORDS)
-            return sel, _by_selector(d << 7, d << 6, d << 5, d << 4, d << 3, d << 2, d << 1, d)
-        else:
-            return sel, sel
+        return sel, sel
+    else:
+        d = _plane_words(row_ptr, row_mask, chunks, 3, CT, WORDS)
+        am, bm, cm, dm = a & 0x77777777, b & 0x77777777, c & 0x77777777, d & 0x77777777
+        sel = _by_selector(am, am >> 16, bm, bm >> 16, cm, cm >> 16, dm, dm >> 16)
+        return sel, _by_selector(a << 4, a, b << 4, b, c << 4, c, d << 4, d)
 
 
 @triton.jit
@@ -336,9 +337,9 @@ def gather_interleaved(
     BITS: tl.constexpr,  # bits per code: 2, 3 or 4
 ):
     """``(ROWS, COLS)`` int32 codes at arbitrary coordinates, bit by bit: bit ``t`` of coordinate
-    ``32c + 8g + n`` (``= 32c + 4s + j``) is bit ``pos`` of word ``c`` of plane ``p``, with ``(p, pos)`` =
-    ``(g % 2, 4n + 2 (g // 2) + t)`` at 2 bits; ``(g, 4n + t)`` for ``g < 3``, else ``(t, 4n + 3)``, at 3 bits
-    and for 4 bits' magnitude bits ``t < 3``; ``(3, 8j + s)`` for the top bit."""
+    ``32c + 8g + n`` is bit ``pos`` of word ``c`` of plane ``p``, with ``(p, pos)`` = ``(g % 2, 4n + 2 (g // 2) + t)``
+    at 2 bits; ``(g, 4n + t)`` for ``g < 3``, else ``(t, 4n + 3)``, at 3 bits; at 4 bits ``(g, 4n + t)`` for the
+    magnitude bits ``t < 3`` and ``(g, 8 (n % 4) + 4 (n // 4) + 3)`` for the top bit."""
     chunks = count // 32
     c, r = index // 32, index % 32
     g, n = r // 8, r % 8
@@ -346,8 +347,8 @@ def gather_interleaved(
     for t in tl.static_range(BITS):
         if BITS == 2:
             plane, pos = g % 2, 4 * n + 2 * (g // 2) + t
-        elif t == 3:
-            plane, pos = tl.full(r.shape, 3, tl.int32), 8 * (r % 4) + r // 4
+        elif BITS == 4:
+            plane, pos = g, (4 * n + t) if t < 3 else 8 * (n % 4) + 4 * (n // 4) + 3
         else:
             plane, pos = tl.where(g < 3, g, t), 4 * n + tl.where(g < 3, t, 3)
         bit = 32 * (plane * chunks + c) + pos
@@ -373,6 +374,15 @@ def _store_words(
 
 
 @triton.jit
+def _nibbles_to_bytes(
+    x,  # (..) uint32 words below 2**16
+):
+    """``(..)`` uint32: nibble ``i`` of ``x`` (``i`` = 0..3) moved to byte ``i``."""
+    x = (x | (x << 8)) & 0x00FF00FF
+    return (x | (x << 4)) & 0x0F0F0F0F
+
+
+@triton.jit
 def store_interleaved(
     row_ptr,  # (ROWS,) pointers to the first packed byte of each row (uint8)
     row_mask,  # (ROWS,) bool: which rows exist
@@ -389,16 +399,17 @@ def store_interleaved(
     fields, exact, as in `store_codes`), and the planes follow with a few word operations:
 
         2 bits: N_0 | N_2 << 2,  N_1 | N_3 << 2
-        3, 4 bits: plane p = N_p | (N_3 << (3 - p)) & 0x88888888 (bit p of each code of group 3 to its nibble's bit 3)
-        4 bits, plane 3: sum over the chunk's codes of (k >> 3) << (8j + s), coordinate 32c + 4s + j
+        3 bits: plane p = N_p | (N_3 << (3 - p)) & 0x88888888 (bit p of each code of group 3 to its nibble's bit 3)
+        4 bits: plane p = N_p | B(U_p & 0xFFFF) << 3 | B(U_p >> 16) << 7, with U_p = sum_n (G_p[n] >> 3) << 4n the
+            top bits as nibbles and B (`_nibbles_to_bytes`) moving nibble i to byte i
     """
     tl.static_assert(WIDTH % 32 == 0, "the interleaved packing is written in whole chunks of 32 codes")
     CT: tl.constexpr = WIDTH // 32
     k = codes.to(tl.uint32)
-    top = k >> 3
-    if BITS == 4:  # the magnitude index
-        k = tl.where(top != 0, k - 8, 7 - k)
-    groups = group_words(k, 4, ROWS, WIDTH, TRANSPOSED)
+    groups = group_words(k if BITS < 4 else tl.where(k >= 8, k - 8, 7 - k), 4, ROWS, WIDTH, TRANSPOSED)
+    if BITS == 4:
+        tops = group_words(k >> 3, 4, ROWS, WIDTH, TRANSPOSED)
+        groups = groups | (_nibbles_to_bytes(tops & 0xFFFF) << 3) | (_nibbles_to_bytes(tops >> 16) << 7)
     even, odd = tl.split(tl.reshape(groups, (ROWS, CT, 2, 2)))  # [.., g // 2, g % 2]
     n0, n2 = tl.split(even)
     n1, n3 = tl.split(odd)
@@ -407,18 +418,12 @@ def store_interleaved(
     if BITS == 2:
         _store_words(row_ptr, ok, n0 | (n2 << 2), chunk)
         _store_words(row_ptr, ok, n1 | (n3 << 2), chunks + chunk)
-    else:
+    elif BITS == 3:
         _store_words(row_ptr, ok, n0 | ((n3 << 3) & 0x88888888), chunk)
         _store_words(row_ptr, ok, n1 | ((n3 << 2) & 0x88888888), chunks + chunk)
         _store_words(row_ptr, ok, n2 | ((n3 << 1) & 0x88888888), 2 * chunks + chunk)
-        if BITS == 4:
-            if TRANSPOSED:  # [row, block, g, half, c]: coordinate 64 * block + 32 * half + 8c + g
-                r = 8 * tl.arange(0, 4)[None, None, :] + tl.arange(0, 8)[:, None, None]  # (8, 1, 4) within the chunk
-                place = (8 * (r % 4) + r // 4).to(tl.uint32)
-                spread = tl.reshape(top, (ROWS, WIDTH // 64, 8, 2, 4)) << place[None, None, :, :, :]
-                tops = tl.reshape(tl.sum(tl.sum(spread, axis=4), axis=2), (ROWS, CT))
-            else:
-                r = tl.arange(0, 32)
-                place = (8 * (r % 4) + r // 4).to(tl.uint32)
-                tops = tl.sum(tl.reshape(top, (ROWS, CT, 32)) << place[None, None, :], axis=2)
-            _store_words(row_ptr, ok, tops, 3 * chunks + chunk)
+    else:
+        _store_words(row_ptr, ok, n0, chunk)
+        _store_words(row_ptr, ok, n1, chunks + chunk)
+        _store_words(row_ptr, ok, n2, 2 * chunks + chunk)
+        _store_words(row_ptr, ok, n3, 3 * chunks + chunk)

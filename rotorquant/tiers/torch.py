@@ -262,34 +262,34 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int, packing: Packing = 
     return w.view(torch.uint8).view(n, 8 * words)[:, :count]
 
 
-def _interleave_shifts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(4n for nibble n (8,), 8j + s for the 4-bit top bits [s, j] (8, 4), 8i for byte i (4,))``, int64."""
-    nibbles = 4 * torch.arange(8, device=device)
-    tops = 8 * torch.arange(4, device=device) + torch.arange(8, device=device)[:, None]
-    return nibbles, tops, 8 * torch.arange(4, device=device)
+def _interleave_shifts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(4n for nibble n (8,), 8i for byte i (4,))``, int64."""
+    return 4 * torch.arange(8, device=device), 8 * torch.arange(4, device=device)
 
 
 def _pack_interleaved(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """`pack_bits` for the interleaved packing (`rotorquant.format`): ``(n, d)`` -> ``(n, d*bits/8)`` uint8.
 
     With ``G_g[n]`` the code of coordinate ``32c + 8g + n``, nibble ``n`` of chunk ``c``'s word in plane ``p`` is
-    ``G_p[n] | G_{p+2}[n] << 2`` (2 bits) or ``G_p[n] | (bit p of G_3[n]) << 3`` (3 bits; 4 bits on the
-    magnitude indices, plus plane 3 with the top bit of coordinate ``32c + 4s + j`` at bit ``8j + s``).
+    ``G_p[n] | G_{p+2}[n] << 2`` (2 bits), ``G_p[n] | (bit p of G_3[n]) << 3`` (3 bits), or ``m(G_p[n]) |
+    t(G_p[4h + j]) << 3`` for ``n = 2j + h`` (4 bits: ``m`` the magnitude index, ``t`` the top bit).
     """
     n, d = codes.shape
     chunks = d // INTERLEAVED_CHUNK
-    nibbles, tops, bytes_ = _interleave_shifts(codes.device)
+    nibbles, bytes_ = _interleave_shifts(codes.device)
     k = codes.to(torch.int64)
-    if bits == 4:  # the magnitude index: k - 8 in the upper half, 7 - k in the lower
-        k = torch.where(k >= 8, k - 8, 7 - k)
-    g = k.view(n, chunks, 4, 8)
     if bits == 2:
+        g = k.view(n, chunks, 4, 8)
         planes = [g[:, :, 0] | g[:, :, 2] << 2, g[:, :, 1] | g[:, :, 3] << 2]
-    else:
+    elif bits == 3:
+        g = k.view(n, chunks, 4, 8)
         planes = [g[:, :, p] | ((g[:, :, 3] >> p) & 1) << 3 for p in range(3)]
+    else:  # the magnitude index (k - 8 in the upper half, 7 - k in the lower) and the top bits
+        # [c, g, 2j + h]: the top bit of G_g[4h + j]
+        top = (k >> 3).view(n, chunks, 4, 2, 4).transpose(-2, -1).reshape(n, chunks, 4, 8)
+        g = torch.where(k >= 8, k - 8, 7 - k).view(n, chunks, 4, 8) | top << 3
+        planes = [g[:, :, p] for p in range(4)]
     words = [(nib << nibbles).sum(-1) for nib in planes]  # disjoint bits: the sum is an or
-    if bits == 4:
-        words.append(((codes.to(torch.int64) >> 3).view(n, chunks, 8, 4) << tops).sum((-2, -1)))
     w = torch.stack(words, 1)  # (n, bits, C)
     return ((w[..., None] >> bytes_) & 255).to(torch.uint8).view(n, bits * chunks * 4)
 
@@ -298,18 +298,18 @@ def _unpack_interleaved(packed: torch.Tensor, bits: int, count: int) -> torch.Te
     """Inverse of `_pack_interleaved`: ``(n, count*bits/8)`` uint8 -> ``(n, count)`` uint8 codes."""
     n = packed.shape[0]
     chunks = count // INTERLEAVED_CHUNK
-    nibbles, tops, bytes_ = _interleave_shifts(packed.device)
+    nibbles, bytes_ = _interleave_shifts(packed.device)
     w = (packed.reshape(n, bits, chunks, 4).to(torch.int64) << bytes_).sum(-1)  # (n, bits, C)
     nib = (w[..., None] >> nibbles) & 15  # (n, bits, C, 8)
     if bits == 2:
         groups = [nib[:, 0] & 3, nib[:, 1] & 3, nib[:, 0] >> 2, nib[:, 1] >> 2]
-    else:
+    elif bits == 3:
         spread = ((nib[:, 0] >> 3) & 1) | ((nib[:, 1] >> 2) & 2) | ((nib[:, 2] >> 1) & 4)
         groups = [nib[:, 0] & 7, nib[:, 1] & 7, nib[:, 2] & 7, spread]
+    else:
+        m, top = nib & 7, (nib >> 3).view(n, bits, chunks, 4, 2).transpose(-2, -1).reshape(nib.shape)  # [.., 4h + j]
+        groups = list(torch.where(top == 1, m + 8, 7 - m).unbind(1))
     k = torch.stack(groups, 2).view(n, count)  # (n, C, 4, 8) in coordinate order
-    if bits == 4:
-        top = ((w[:, 3, :, None, None] >> tops) & 1).view(n, count)
-        k = torch.where(top == 1, k + 8, 7 - k)
     return k.to(torch.uint8)
 
 
