@@ -146,9 +146,12 @@ class RotorQuantLayer(DynamicLayer):
         self.values = value_states[..., :0, :].clone()
         self.is_initialized = True
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs) -> None:
         """Keep every new token in the window until the next ``crop`` (which then compresses and drops as
-        ``update`` would have), so that a crop can undo a forward pass exactly."""
+        ``update`` would have), so that a crop can undo a forward pass exactly. ``kwargs`` are the options that
+        transformers' ``Cache.activate_past_recording`` hands every layer (``recurrent_states_to_keep`` in
+        transformers 5.25, for linear-attention layers); an attention layer keeps no recurrent states, so it
+        takes them as transformers' own attention layers do, and uses none."""
         self.record_past = True
 
     @property
