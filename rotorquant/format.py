@@ -136,14 +136,13 @@ def _pack_interleaved(codes: np.ndarray, bits: int) -> np.ndarray:
     """``(..., d)`` codes -> ``(..., d*bits/8)`` uint8, interleaved (the layout of the module docstring)."""
     lead, chunks = codes.shape[:-1], codes.shape[-1] // INTERLEAVED_CHUNK
     k = codes.astype(np.uint32)
+    # [c, g, n]: coordinate 32c + 8g + n (4 bits: its magnitude index, k - 8 in the upper half, 7 - k in the lower)
+    g = (k if bits < 4 else np.where(k >= 8, k - 8, 7 - k)).reshape(*lead, chunks, 4, 8)
     if bits == 2:
-        g = k.reshape(*lead, chunks, 4, 8)  # [c, g, n]: coordinate 32c + 8g + n
         nibbles = [g[..., 0, :] | g[..., 2, :] << 2, g[..., 1, :] | g[..., 3, :] << 2]
     elif bits == 3:
-        g = k.reshape(*lead, chunks, 4, 8)
         nibbles = [g[..., p, :] | ((g[..., 3, :] >> p) & 1) << 3 for p in range(3)]
     else:
-        g = np.where(k >= 8, k - 8, 7 - k).reshape(*lead, chunks, 4, 8)  # the magnitude indices
         top = (k >> 3).reshape(*lead, chunks, 4, 2, 4).swapaxes(-2, -1).reshape(g.shape)  # [c, g, 2j + h]: G_g[4h + j]
         nibbles = [g[..., p, :] | top[..., p, :] << 3 for p in range(4)]
     words = [(nib << _NIBBLES).sum(axis=-1, dtype=np.uint32) for nib in nibbles]  # disjoint bits: sum = or

@@ -278,17 +278,15 @@ def _pack_interleaved(codes: torch.Tensor, bits: int) -> torch.Tensor:
     chunks = d // INTERLEAVED_CHUNK
     nibbles, bytes_ = _interleave_shifts(codes.device)
     k = codes.to(torch.int64)
+    # [c, g, n]: coordinate 32c + 8g + n (4 bits: its magnitude index, k - 8 in the upper half, 7 - k in the lower)
+    g = (k if bits < 4 else torch.where(k >= 8, k - 8, 7 - k)).view(n, chunks, 4, 8)
     if bits == 2:
-        g = k.view(n, chunks, 4, 8)
         planes = [g[:, :, 0] | g[:, :, 2] << 2, g[:, :, 1] | g[:, :, 3] << 2]
     elif bits == 3:
-        g = k.view(n, chunks, 4, 8)
         planes = [g[:, :, p] | ((g[:, :, 3] >> p) & 1) << 3 for p in range(3)]
-    else:  # the magnitude index (k - 8 in the upper half, 7 - k in the lower) and the top bits
-        # [c, g, 2j + h]: the top bit of G_g[4h + j]
+    else:  # [c, g, 2j + h]: the top bit of G_g[4h + j], at bit 3
         top = (k >> 3).view(n, chunks, 4, 2, 4).transpose(-2, -1).reshape(n, chunks, 4, 8)
-        g = torch.where(k >= 8, k - 8, 7 - k).view(n, chunks, 4, 8) | top << 3
-        planes = [g[:, :, p] for p in range(4)]
+        planes = [g[:, :, p] | top[:, :, p] << 3 for p in range(4)]
     words = [(nib << nibbles).sum(-1) for nib in planes]  # disjoint bits: the sum is an or
     w = torch.stack(words, 1)  # (n, bits, C)
     return ((w[..., None] >> bytes_) & 255).to(torch.uint8).view(n, bits * chunks * 4)
